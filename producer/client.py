@@ -1,0 +1,193 @@
+"""The synchronous producer: waits read the process's reply stream in the caller's thread."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import redis
+
+from producer import keys
+from producer._common import (
+    ENQUEUE_LUA,
+    REPLY_BLOCK_MS,
+    REPLY_COUNT,
+    SAFETY_CHECK_AFTER_S,
+    Handle,
+    TensorType,
+    check_enqueued,
+    new_client_id,
+    prepare,
+    redis_errors,
+    unwrap,
+    value_of,
+)
+from producer.errors import NosqError, NosqTimeout
+from producer.settings import RedisSettings
+from producer.wire import Envelope
+
+__all__ = ["Producer"]
+
+
+class Producer:
+    """Submit requests and wait for results from plain (threaded or not) Python code.
+
+    Use as ``with Producer(settings) as producer: producer.infer("mlp", x)``.
+    """
+
+    def __init__(
+        self, settings: RedisSettings | None = None, *, content_type: str = "msgpack",
+        tensors: TensorType = "numpy", default_timeout_s: float = 30.0,
+    ) -> None:
+        self._settings = settings or RedisSettings()
+        self._ct = content_type
+        self._tensors: TensorType = tensors
+        self._default_timeout_s = default_timeout_s
+        self._client_id = new_client_id()
+        self._reply = keys.reply(self._client_id)
+        self._redis: redis.Redis | None = None
+        self._enqueue: Any = None
+        self._arrived: dict[str, bytes] = {}  # results read but not yet claimed
+        self._last_id = b"0-0"
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Producer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self._redis is not None:
+            raise NosqError("Producer.start() called twice")
+        self._redis = self._settings.client()
+        self._enqueue = self._redis.register_script(ENQUEUE_LUA)
+        with redis_errors(f"connecting to {self._settings.describe()}"):
+            self._redis.ping()
+
+    def close(self) -> None:
+        if self._redis is None:
+            return
+        with contextlib.suppress(redis.RedisError):  # the reply stream expires on its own
+            self._redis.delete(self._reply)
+        self._redis.close()
+        self._redis = None
+
+    def submit(
+        self, model: str, inputs: Any, *, method: str | None = None, timeout_s: float | None = None,
+        deadline_ms: int | None = None, ttl_s: int | None = None, request_id: str | None = None,
+        priority: int = 1,
+    ) -> Handle:
+        """Enqueue one request; return its handle at once."""
+        return self.submit_many(
+            model, [inputs], method=method, timeout_s=timeout_s, deadline_ms=deadline_ms,
+            ttl_s=ttl_s, request_ids=[request_id] if request_id else None, priority=priority,
+        )[0]
+
+    def submit_many(
+        self, model: str, inputs: Iterable[Any], *, method: str | None = None,
+        timeout_s: float | None = None, deadline_ms: int | None = None, ttl_s: int | None = None,
+        request_ids: Sequence[str] | None = None, priority: int = 1,
+    ) -> list[Handle]:
+        """Enqueue many requests in one pipeline (QueueFull carries ``accepted`` handles)."""
+        prepared = [
+            prepare(model, item, ct=self._ct, reply=self._client_id, method=method,
+                    timeout_s=timeout_s, deadline_ms=deadline_ms, ttl_s=ttl_s,
+                    request_id=request_ids[i] if request_ids else None, priority=priority)
+            for i, item in enumerate(inputs)
+        ]
+        with redis_errors(f"submitting to model {model!r}"):
+            pipe = self._client().pipeline(transaction=False)
+            for _, script_keys, argv in prepared:
+                self._enqueue(keys=script_keys, args=argv, client=pipe)
+            replies = pipe.execute()
+        handles = [h for h, _, _ in prepared]
+        for index, (handle, reply) in enumerate(zip(handles, replies, strict=True)):
+            try:
+                check_enqueued(handle, reply)
+            except NosqError as exc:
+                exc.accepted = handles[:index]  # type: ignore[attr-defined]
+                raise
+        return handles
+
+    def cancel(self, handle: Handle) -> None:
+        """Ask the manager not to run the request; it answers ``cancelled`` if it had not run."""
+        with redis_errors(f"cancelling {handle.id!r}"):
+            self._client().set(keys.cancel(handle.id), b"1", ex=handle.ttl_s)
+
+    def outcome(self, handle: Handle, timeout_s: float | None = None) -> Envelope:
+        """The full result envelope (``ok``, ``out`` or error, timings, batch)."""
+        timeout = self._default_timeout_s if timeout_s is None else timeout_s
+        for _, envelope in self._completions([handle], timeout):
+            return envelope
+        raise NosqTimeout(handle.id, timeout)  # pragma: no cover - _completions raises first
+
+    def result(self, handle: Handle, timeout_s: float | None = None) -> Any:
+        """The output value; a server-side error raises RemoteError."""
+        return value_of(handle, self.outcome(handle, timeout_s))
+
+    def infer(self, model: str, inputs: Any, *, timeout_s: float | None = None, **options: Any) -> Any:
+        """Submit and wait; ``timeout_s`` is both the request's deadline and the wait."""
+        return self.result(self.submit(model, inputs, timeout_s=timeout_s, **options), timeout_s)
+
+    def gather(self, handles: Sequence[Handle], timeout_s: float | None = None) -> list[Any]:
+        """Every output, in order; the first error raises."""
+        by_id = dict(self.as_completed(handles, timeout_s))
+        return [value_of(h, by_id[h]) for h in handles]
+
+    def as_completed(
+        self, handles: Sequence[Handle], timeout_s: float | None = None,
+    ) -> Iterator[tuple[Handle, Envelope]]:
+        """Yield (handle, envelope) as results arrive; NosqTimeout once ``timeout_s`` is spent."""
+        timeout = self._default_timeout_s if timeout_s is None else timeout_s
+        return self._completions(handles, timeout)
+
+    def _completions(self, handles: Sequence[Handle], timeout_s: float) -> Iterator[tuple[Handle, Envelope]]:
+        waiting = {h.id: h for h in handles}
+        deadline = time.monotonic() + timeout_s
+        last_check = time.monotonic()
+        while waiting:
+            for rid in [rid for rid in waiting if rid in self._arrived]:
+                handle = waiting.pop(rid)
+                yield handle, unwrap(handle, self._arrived.pop(rid), self._tensors)
+            if not waiting:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NosqTimeout(next(iter(waiting)), timeout_s)
+            if time.monotonic() - last_check >= SAFETY_CHECK_AFTER_S:
+                self._check_result_keys(list(waiting))
+                last_check = time.monotonic()
+                continue
+            self._read_replies(min(REPLY_BLOCK_MS, max(1, int(remaining * 1000))))
+
+    def _check_result_keys(self, request_ids: list[str]) -> None:
+        """Results whose completions were trimmed, or that came before this producer asked."""
+        with redis_errors("reading results"):
+            ids = [keys.result(rid) for rid in request_ids[:512]]
+            values: Any = self._client().mget(ids)
+        for rid, data in zip(request_ids, values, strict=False):
+            if data is not None:
+                self._arrived[rid] = data
+
+    def _read_replies(self, block_ms: int) -> None:
+        with self._lock, redis_errors("reading replies"):
+            client = self._client()
+            response: Any = client.xread({self._reply: self._last_id}, count=REPLY_COUNT, block=block_ms)
+            if not response:
+                return
+            for entry_id, fields in response[0][1]:
+                self._last_id = entry_id
+                rid, data = fields.get(b"id"), fields.get(b"r")
+                if rid is not None and data is not None:
+                    self._arrived[rid.decode()] = data
+            client.xtrim(self._reply, minid=self._last_id)
+
+    def _client(self) -> redis.Redis:
+        if self._redis is None:
+            raise NosqError("Producer is not started: use `with Producer(...) as producer:`")
+        return self._redis

@@ -1,0 +1,182 @@
+"""Values on the wire: msgpack or JSON, with a tensor encoding any language can build.
+
+A tensor is a map with exactly three keys:
+
+* msgpack: ``{"dtype": "float32", "shape": [2, 3], "data": <bin: little-endian, C order>}``
+* JSON:    ``{"dtype": "float32", "shape": [2, 3], "b64": "<base64 of the same bytes>"}``
+
+Decoded tensors are numpy arrays when numpy is installed, else :class:`RawTensor`. Torch
+tensors are accepted on encode when torch is installed; torch is never imported here.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from producer.errors import ProtocolError
+
+try:  # numpy is optional for a producer
+    import numpy as np
+except ImportError:  # pragma: no cover - exercised in the no-numpy install check
+    np = None  # type: ignore[assignment]
+
+__all__ = ["CONTENT_TYPES", "DTYPES", "RawTensor", "decode_value", "encode_value"]
+
+CONTENT_TYPES: Final = ("msgpack", "json")
+#: dtype name on the wire -> bytes per element
+DTYPES: Final[dict[str, int]] = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "uint16": 2,
+    "int16": 2,
+    "uint32": 4,
+    "int32": 4,
+    "uint64": 8,
+    "int64": 8,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex64": 8,
+    "complex128": 16,
+}
+MAX_DIMS: Final = 32
+_MSGPACK_KEYS: Final = frozenset(("dtype", "shape", "data"))
+_JSON_KEYS: Final = frozenset(("dtype", "shape", "b64"))
+
+
+@dataclass(frozen=True, slots=True)
+class RawTensor:
+    """A tensor as it travels: used when numpy is not installed."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+def encode_value(ct: str, value: Any) -> bytes:
+    """Encode one value (inputs or outputs) in content type ``ct``."""
+    try:
+        if ct == "msgpack":
+            return msgpack.packb(value, default=_msgpack_default, use_bin_type=True)  # type: ignore[no-any-return]
+        if ct == "json":
+            return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"cannot encode {type(value).__name__} as {ct}: {exc}") from exc
+    raise ProtocolError(f"unknown content type {ct!r}: use one of {', '.join(CONTENT_TYPES)}")
+
+
+def decode_value(ct: str, data: bytes) -> Any:
+    """Decode one value; malformed bytes raise :class:`ProtocolError`, never anything else."""
+    try:
+        if ct == "msgpack":
+            return msgpack.unpackb(
+                data, raw=False, object_hook=_msgpack_hook, ext_hook=_reject_ext, strict_map_key=True
+            )
+        if ct == "json":
+            return json.loads(data, object_hook=_json_hook)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"payload is not valid {ct}: {exc}") from exc
+    raise ProtocolError(f"unknown content type {ct!r}: use one of {', '.join(CONTENT_TYPES)}")
+
+
+def tensor_parts(value: Any) -> tuple[str, tuple[int, ...], bytes] | None:
+    """(dtype, shape, little-endian bytes) of a numpy array, torch tensor or RawTensor."""
+    if isinstance(value, RawTensor):
+        return value.dtype, value.shape, value.data
+    if np is not None and isinstance(value, np.ndarray):
+        return _numpy_parts(value)
+    if type(value).__module__ == "torch" and type(value).__name__ == "Tensor":
+        tensor = value.detach().cpu()
+        if str(tensor.dtype) == "torch.bfloat16":
+            raise ProtocolError("bfloat16 has no wire dtype: convert to float32 or float16 first")
+        return _numpy_parts(tensor.numpy())
+    return None
+
+
+def _numpy_parts(array: Any) -> tuple[str, tuple[int, ...], bytes]:
+    name = array.dtype.name
+    if name not in DTYPES:
+        raise ProtocolError(f"dtype {name!r} has no wire encoding: use one of {', '.join(DTYPES)}")
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return name, tuple(int(d) for d in array.shape), np.ascontiguousarray(little).tobytes()
+
+
+def _msgpack_default(value: Any) -> Any:
+    parts = tensor_parts(value)
+    if parts is not None:
+        return {"dtype": parts[0], "shape": list(parts[1]), "data": parts[2]}
+    return _scalar(value)
+
+
+def _json_default(value: Any) -> Any:
+    parts = tensor_parts(value)
+    if parts is not None:
+        return {"dtype": parts[0], "shape": list(parts[1]), "b64": base64.b64encode(parts[2]).decode()}
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError("raw bytes have no JSON form: use msgpack or a uint8 tensor")
+    return _scalar(value)
+
+
+def _scalar(value: Any) -> Any:
+    if np is not None and isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not a msgpack/JSON value, array or tensor")
+
+
+def _msgpack_hook(obj: dict[str, Any]) -> Any:
+    if len(obj) == 3 and obj.keys() == _MSGPACK_KEYS:
+        data = obj["data"]
+        if not isinstance(data, bytes):
+            raise ProtocolError("tensor 'data' must be msgpack bin (raw bytes)")
+        return _build_tensor(obj["dtype"], obj["shape"], data)
+    return obj
+
+
+def _json_hook(obj: dict[str, Any]) -> Any:
+    if len(obj) == 3 and obj.keys() == _JSON_KEYS:
+        b64 = obj["b64"]
+        if not isinstance(b64, str):
+            raise ProtocolError("tensor 'b64' must be a base64 string")
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except ValueError as exc:
+            raise ProtocolError(f"tensor 'b64' is not valid base64: {exc}") from exc
+        return _build_tensor(obj["dtype"], obj["shape"], data)
+    return obj
+
+
+def _build_tensor(dtype: Any, shape: Any, data: bytes) -> Any:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ProtocolError(f"tensor dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise ProtocolError(f"tensor shape {shape!r} must be a list of at most {MAX_DIMS} ints >= 0")
+    expected = math.prod(shape) * DTYPES[dtype]
+    if len(data) != expected:
+        raise ProtocolError(
+            f"tensor of dtype {dtype} and shape {shape} needs {expected} bytes, got {len(data)}"
+        )
+    if np is None:
+        return RawTensor(dtype, tuple(shape), data)
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack ext type {code} is not part of protocol v1")

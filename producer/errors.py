@@ -1,0 +1,69 @@
+"""The one exception tree of nosq.
+
+::
+
+    NosqError
+    ├── ProtocolError        bytes on the wire that do not follow protocol v1
+    ├── NosqConnectionError  Redis could not be reached (translated from redis-py)
+    ├── NosqTimeout          no result within the caller's timeout
+    ├── QueueFull            the model's backlog is at its limit (``retry_after_s`` hint)
+    └── RemoteError          the server answered with an error envelope (``code``, ``message``)
+
+Every message names the bad value and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NosqConnectionError",
+    "NosqError",
+    "NosqTimeout",
+    "ProtocolError",
+    "QueueFull",
+    "RemoteError",
+]
+
+
+class NosqError(Exception):
+    """Root of every error nosq raises on purpose."""
+
+
+class ProtocolError(NosqError):
+    """Data that does not follow wire protocol v1 (see docs/protocol.md)."""
+
+
+class NosqConnectionError(NosqError):
+    """Redis refused, dropped or timed out a connection."""
+
+
+class NosqTimeout(NosqError):
+    """A result did not arrive within the caller's timeout."""
+
+    def __init__(self, request_id: str, timeout_s: float) -> None:
+        super().__init__(
+            f"no result for request {request_id!r} within {timeout_s:g} s: is a manager "
+            "serving this model (`nosq serve`)? Wait longer or check `nosq status`."
+        )
+        self.request_id = request_id
+        self.timeout_s = timeout_s
+
+
+class QueueFull(NosqError):
+    """The model's stream is at its configured backlog limit."""
+
+    def __init__(self, model: str, backlog: int, retry_after_s: float | None) -> None:
+        hint = f"; retry after {retry_after_s:.2f} s" if retry_after_s is not None else ""
+        super().__init__(f"queue for model {model!r} is full ({backlog} waiting){hint}")
+        self.model = model
+        self.backlog = backlog
+        self.retry_after_s = retry_after_s
+
+
+class RemoteError(NosqError):
+    """The server answered the request with an error envelope."""
+
+    def __init__(self, request_id: str, code: str, message: str) -> None:
+        super().__init__(f"request {request_id!r} failed: {code}: {message}")
+        self.request_id = request_id
+        self.code = code
+        self.message = message

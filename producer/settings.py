@@ -1,0 +1,79 @@
+"""Connection settings, built explicitly by the caller (never read from the environment)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+import redis
+import redis.asyncio
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+__all__ = ["RedisSettings"]
+
+
+class RedisSettings(BaseModel):
+    """How to reach Redis: ``redis://``, ``rediss://`` (TLS) or ``unix://`` URLs.
+
+    ``username``/``password``/``db`` override what the URL says.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = "redis://127.0.0.1:6379/0"
+    username: str | None = None
+    password: SecretStr | None = None
+    db: int | None = Field(default=None, ge=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    socket_timeout_s: float | None = Field(default=None, gt=0)
+    max_connections: int = Field(default=64, ge=1)
+    ssl_ca_file: str | None = None
+    ssl_cert_file: str | None = None
+    ssl_key_file: str | None = None
+    ssl_check_hostname: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        scheme = urlparse(url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"Redis URL {url!r} must start with redis://, rediss:// or unix://")
+        return url
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme == "rediss"
+
+    def _kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "socket_connect_timeout": self.connect_timeout_s,
+            "socket_timeout": self.socket_timeout_s,
+            "max_connections": self.max_connections,
+        }
+        if self.username is not None:
+            kwargs["username"] = self.username
+        if self.password is not None:
+            kwargs["password"] = self.password.get_secret_value()
+        if self.db is not None:
+            kwargs["db"] = self.db
+        if self.tls:
+            kwargs.update(ssl_ca_certs=self.ssl_ca_file, ssl_certfile=self.ssl_cert_file,
+                          ssl_keyfile=self.ssl_key_file, ssl_check_hostname=self.ssl_check_hostname)
+        return kwargs
+
+    def client(self) -> redis.Redis:
+        """A synchronous client (bytes in, bytes out)."""
+        client: redis.Redis = redis.Redis.from_url(self.url, **self._kwargs())
+        return client
+
+    def async_client(self) -> redis.asyncio.Redis:
+        """An asyncio client (bytes in, bytes out)."""
+        client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(self.url, **self._kwargs())
+        return client
+
+    def describe(self) -> str:
+        """The URL with any password hidden, for messages and logs."""
+        parsed = urlparse(self.url)
+        host = parsed.hostname or parsed.path
+        port = f":{parsed.port}" if parsed.port else ""
+        return f"{parsed.scheme}://{host}{port}"

@@ -1,0 +1,179 @@
+"""Model specs and the serve config file that lists them.
+
+The operator's config file is the only place an import path (``factory``) comes from: a client
+can only name a model ``id`` that the config allows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["ConfigError", "ModelSpec", "ServeConfig", "load_config"]
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$", re.ASCII)
+_METHOD_RE = re.compile(r"^[A-Za-z]\w*$", re.ASCII)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not describe a valid set of models."""
+
+
+class ModelSpec(BaseModel):
+    """One servable model: where to build it, which methods clients may call, how to batch it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    factory: str
+    methods: tuple[str, ...] = ("forward",)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    replicas: int = Field(default=1, ge=1)
+    max_batch: int = Field(default=64, ge=1, le=65536)
+    latency_budget_ms: float = Field(default=100.0, gt=0)
+    max_wait_ms: float = Field(default=2.0, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    threads: int | None = Field(default=None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _check_factory(cls, value: str) -> str:
+        if not _FACTORY_RE.fullmatch(value):
+            raise ValueError(
+                f"factory must look like 'package.module:function', got {value!r}"
+            )
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("methods must name at least one method, e.g. ['forward']")
+        bad = [m for m in value if not _METHOD_RE.fullmatch(m)]
+        if bad:
+            raise ValueError(
+                f"method names must be public identifiers (no leading '_'), got {bad!r}"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError(f"methods are listed twice: {list(value)!r}")
+        return value
+
+    def fingerprint(self) -> str:
+        """First 16 hex chars of the sha256 of this spec's canonical JSON (sorted keys)."""
+        canonical = json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), default=str
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class ServeConfig(BaseModel):
+    """The set of models one deployment may serve; ids are unique."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models: tuple[ModelSpec, ...]
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ServeConfig:
+        seen: set[str] = set()
+        for spec in self.models:
+            if spec.id in seen:
+                raise ValueError(f"model id {spec.id!r} is listed more than once; ids must be unique")
+            seen.add(spec.id)
+        return self
+
+    def model(self, model_id: str) -> ModelSpec:
+        """The spec of ``model_id``; ``KeyError`` naming the configured ids if there is none."""
+        for spec in self.models:
+            if spec.id == model_id:
+                return spec
+        known = ", ".join(s.id for s in self.models) or "none"
+        raise KeyError(f"unknown model {model_id!r}; configured models: {known}")
+
+
+def load_config(path: Path) -> ServeConfig:
+    """Read a serve config from TOML (``[[models]]`` tables) or YAML (``models:`` list).
+
+    Raises ``ConfigError`` naming the file and every problem found in it.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"{path}: unsupported config type {suffix!r}; use .toml, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from exc
+    data = _parse_toml(path, text) if suffix == ".toml" else _parse_yaml(path, text)
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping with a 'models' list, got {type(data).__name__}"
+        )
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {line}" for line in _describe(exc, data))
+        raise ConfigError(
+            f"{path}: invalid config ({exc.error_count()} problem(s)):\n{problems}"
+        ) from exc
+
+
+def _parse_toml(path: Path, text: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    try:
+        yaml: Any = importlib.import_module("yaml")  # PyYAML ships no type stubs
+    except ImportError as exc:
+        raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def _describe(exc: ValidationError, data: Mapping[str, Any]) -> list[str]:
+    """One line per pydantic error: where (``models[1] (id 'mlp').factory``), what, and the value."""
+    lines = []
+    for err in exc.errors():
+        where = _location(err["loc"], data)
+        line = f"{where}: {err['msg']}"
+        if err["type"] not in ("missing", "model_type") and not isinstance(err["input"], Mapping):
+            line += f" (got {err['input']!r})"
+        lines.append(line)
+    return lines
+
+
+def _location(loc: tuple[int | str, ...], data: Mapping[str, Any]) -> str:
+    parts: list[str] = []
+    for i, key in enumerate(loc):
+        if isinstance(key, int):
+            parts.append(f"[{key}]")
+            if i == 1 and loc[0] == "models":
+                model_id = _model_id(data, key)
+                if model_id is not None:
+                    parts.append(f" (id {model_id!r})")
+        else:
+            parts.append(f".{key}" if parts else key)
+    return "".join(parts) or "config"
+
+
+def _model_id(data: Mapping[str, Any], index: int) -> str | None:
+    models = data.get("models")
+    if isinstance(models, list) and 0 <= index < len(models) and isinstance(models[index], Mapping):
+        model_id = models[index].get("id")
+        return model_id if isinstance(model_id, str) else None
+    return None
