@@ -89,8 +89,10 @@ class Request:
     ttl_s: int = DEFAULT_TTL_S
     reply: str | None = None
     priority: int = 1
-    entry_id: str = ""  # the stream entry id, set by the reader
+    entry_id: str = ""  # the stream entry id
     enqueued_ms: int = 0  # from the stream entry id
+    read_ms: int = 0  # when a manager read it (server side)
+    deliveries: int = 1  # how many times it was delivered (server side)
 
 
 @dataclass(slots=True)

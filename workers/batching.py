@@ -41,17 +41,17 @@ def collate(items: list[Any]) -> Any:
 
 
 def _stack_arrays(items: list[Any]) -> Any:
-    first = items[0]
-    if any(item.shape != first.shape or item.dtype != first.dtype for item in items):
+    shape = tuple(items[0].shape)
+    if any(tuple(item.shape) != shape for item in items):
         return items
     try:
         if all(isinstance(item, np.ndarray) for item in items):
+            if any(item.dtype != items[0].dtype for item in items):
+                return items
             stacked = np.stack(items)  # one copy: the result is writable even if the items are not
             if not stacked.dtype.isnative:
                 stacked = stacked.astype(stacked.dtype.newbyteorder("="))
             return torch.from_numpy(stacked)
-        if all(isinstance(item, torch.Tensor) for item in items):
-            return torch.stack(items)
         tensors = [_as_tensor(item) for item in items]
         if any(t.dtype != tensors[0].dtype for t in tensors):
             return items
@@ -104,10 +104,10 @@ def split(output: Any, n: int) -> list[Any]:
     ``n``, or a dict whose values are all such tensors/arrays/sequences.
     """
     if isinstance(output, torch.Tensor):
-        _check_count(_first_dim(output), n, "tensor")
+        _check_count(_first_dim(output, n), n, "tensor")
         return list(output.detach().cpu().unbind(0))
     if isinstance(output, np.ndarray):
-        _check_count(_first_dim(output), n, "array")
+        _check_count(_first_dim(output, n), n, "array")
         return list(output)
     if isinstance(output, (list, tuple)):
         _check_count(len(output), n, type(output).__name__)
@@ -121,10 +121,11 @@ def split(output: Any, n: int) -> list[Any]:
     )
 
 
-def _first_dim(value: torch.Tensor | np.ndarray[Any, Any]) -> int:
+def _first_dim(value: torch.Tensor | np.ndarray[Any, Any], n: int) -> int:
     if value.ndim == 0:
         raise OutputMismatch(
-            "model returned a 0-d tensor: it needs a first (batch) dimension, one entry per input"
+            f"model returned a 0-d tensor for a batch of {n}: it needs a first dimension of {n}, "
+            "one entry per input"
         )
     return int(value.shape[0])
 

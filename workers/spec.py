@@ -17,13 +17,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from producer.errors import NosqError
+
 __all__ = ["ConfigError", "ModelSpec", "ServeConfig", "load_config"]
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$", re.ASCII)
 _METHOD_RE = re.compile(r"^[A-Za-z]\w*$", re.ASCII)
 
 
-class ConfigError(ValueError):
+class ConfigError(NosqError, ValueError):
     """A config file that cannot be read or does not describe a valid set of models."""
 
 
@@ -48,9 +50,7 @@ class ModelSpec(BaseModel):
     @classmethod
     def _check_factory(cls, value: str) -> str:
         if not _FACTORY_RE.fullmatch(value):
-            raise ValueError(
-                f"factory must look like 'package.module:function', got {value!r}"
-            )
+            raise ValueError(f"factory must look like 'package.module:function', got {value!r}")
         return value
 
     @field_validator("methods")
@@ -60,9 +60,7 @@ class ModelSpec(BaseModel):
             raise ValueError("methods must name at least one method, e.g. ['forward']")
         bad = [m for m in value if not _METHOD_RE.fullmatch(m)]
         if bad:
-            raise ValueError(
-                f"method names must be public identifiers (no leading '_'), got {bad!r}"
-            )
+            raise ValueError(f"method names must be public identifiers (no leading '_'), got {bad!r}")
         if len(set(value)) != len(value):
             raise ValueError(f"methods are listed twice: {list(value)!r}")
         return value
@@ -122,9 +120,7 @@ def load_config(path: Path) -> ServeConfig:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
         problems = "\n".join(f"  - {line}" for line in _describe(exc, data))
-        raise ConfigError(
-            f"{path}: invalid config ({exc.error_count()} problem(s)):\n{problems}"
-        ) from exc
+        raise ConfigError(f"{path}: invalid config ({exc.error_count()} problem(s)):\n{problems}") from exc
 
 
 def _parse_toml(path: Path, text: str) -> Any:
@@ -150,8 +146,12 @@ def _describe(exc: ValidationError, data: Mapping[str, Any]) -> list[str]:
     lines = []
     for err in exc.errors():
         where = _location(err["loc"], data)
-        line = f"{where}: {err['msg']}"
-        if err["type"] not in ("missing", "model_type") and not isinstance(err["input"], Mapping):
+        message = err["msg"].removeprefix("Value error, ")
+        line = f"{where}: {message}"
+        # our own validators name the bad value; pydantic's built-in checks do not
+        if err["type"] not in ("value_error", "missing", "model_type") and not isinstance(
+            err["input"], Mapping
+        ):
             line += f" (got {err['input']!r})"
         lines.append(line)
     return lines

@@ -1,0 +1,132 @@
+"""Batch formation, pure: which requests leave together, when, and why.
+
+Work-conserving: with an idle replica, whatever is buffered leaves at once. While every
+replica is busy the batch grows up to the cap, but never past ``max_wait_ms`` after its first
+request arrived, nor past the moment when the predicted run time would make the tightest
+deadline in it slip.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from enum import StrEnum
+
+from producer.wire import Request
+
+__all__ = ["Batcher", "LatencyModel", "Reason"]
+
+DEADLINE_MARGIN_MS = 1.0  # slack for the dispatch hop and the result write
+
+
+class Reason(StrEnum):
+    """Why a batch was released (``batch.reason`` in every result)."""
+
+    FULL = "full"  # it reached the batch cap
+    IDLE = "idle"  # a replica was idle: work-conserving dispatch
+    WAIT = "wait"  # max wait elapsed since its first request arrived
+    DEADLINE = "deadline"  # waiting longer would miss the tightest deadline in it
+    DRAIN = "drain"  # the manager is shutting down
+
+
+class LatencyModel:
+    """latency(b) in ms: measured points (from the profile), refined by observed batches."""
+
+    def __init__(self, curve: dict[int, float] | None = None, *, alpha: float = 0.2) -> None:
+        self._points: dict[int, float] = dict(curve or {})
+        self._alpha = alpha
+
+    def observe(self, size: int, ms: float) -> None:
+        """Fold one observed batch into the curve (EWMA at its power-of-two bucket)."""
+        bucket = 1 << max(0, math.ceil(math.log2(max(1, size))))
+        old = self._points.get(bucket)
+        self._points[bucket] = ms if old is None else (1 - self._alpha) * old + self._alpha * ms
+
+    def predict(self, size: int) -> float:
+        """Predicted run time of a batch of ``size``; 0 when nothing is known yet."""
+        if not self._points:
+            return 0.0
+        sizes = sorted(self._points)
+        if size <= sizes[0]:
+            return self._points[sizes[0]]
+        for low, high in itertools.pairwise(sizes):
+            if size <= high:
+                frac = (size - low) / (high - low)
+                return self._points[low] + frac * (self._points[high] - self._points[low])
+        top = sizes[-1]
+        return self._points[top] * size / top  # beyond the curve: linear in size
+
+    def curve(self) -> dict[int, float]:
+        return dict(sorted(self._points.items()))
+
+
+class Batcher:
+    """The requests read for one model and not yet dispatched."""
+
+    def __init__(self, *, cap: int, max_wait_ms: float, latency: LatencyModel) -> None:
+        self.cap = cap
+        self.max_wait_ms = max_wait_ms
+        self.latency = latency
+        self._queue: deque[Request] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, request: Request) -> None:
+        self._queue.append(request)
+
+    def hopeless(self, request: Request, now_ms: int) -> bool:
+        """True when the request's deadline cannot be met even if it ran alone right now."""
+        deadline = request.deadline_ms
+        return deadline is not None and now_ms + self.latency.predict(1) > deadline
+
+    def decide(self, now_ms: int, *, idle_replica: bool, draining: bool = False) -> tuple[Reason | None, float]:
+        """(reason to release now, or None and the ms to wait before deciding again)."""
+        queue = self._queue
+        if not queue:
+            return None, math.inf
+        if len(queue) >= self.cap:
+            return Reason.FULL, 0.0
+        if draining:
+            return Reason.DRAIN, 0.0
+        if idle_replica:
+            return Reason.IDLE, 0.0
+        wait_left = queue[0].read_ms + self.max_wait_ms - now_ms
+        if wait_left <= 0:
+            return Reason.WAIT, 0.0
+        tightest = min((r.deadline_ms for r in queue if r.deadline_ms is not None), default=None)
+        if tightest is not None:
+            # waiting for one more request means running a batch one larger, later
+            slack = tightest - now_ms - self.latency.predict(len(queue) + 1) - DEADLINE_MARGIN_MS
+            if slack <= 0:
+                return Reason.DEADLINE, 0.0
+            wait_left = min(wait_left, slack)
+        return None, wait_left
+
+    def take(self) -> list[Request]:
+        """Up to ``cap`` requests for the same method as the oldest one, oldest first."""
+        queue = self._queue
+        method = queue[0].method
+        if all(r.method == method for r in _head(queue, self.cap)):
+            return [queue.popleft() for _ in range(min(self.cap, len(queue)))]
+        batch: list[Request] = []
+        rest: deque[Request] = deque()
+        while queue:
+            request = queue.popleft()
+            if request.method == method and len(batch) < self.cap:
+                batch.append(request)
+            else:
+                rest.append(request)
+        self._queue = rest
+        return batch
+
+    def drain_all(self) -> list[Request]:
+        """Everything still buffered (on shutdown)."""
+        items = list(self._queue)
+        self._queue.clear()
+        return items
+
+
+def _head(queue: deque[Request], n: int) -> list[Request]:
+    return [queue[i] for i in range(min(n, len(queue)))]

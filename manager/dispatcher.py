@@ -1,0 +1,137 @@
+"""The replicas of one model: Ray actors, their in-flight slots, and surviving their deaths.
+
+Calls never block the event loop (``await ref``). An actor that dies is restarted by Ray
+(``max_restarts=-1``); its batch is retried; a batch that keeps killing its worker is split
+until the input that does it fails alone with ``worker_died``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from producer.wire import ErrorCode
+from workers.actor import BatchResult, ItemResult, ModelWorker
+from workers.spec import ModelSpec
+
+__all__ = ["Replica", "ReplicaPool"]
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 300.0
+
+
+@dataclass(slots=True)
+class Replica:
+    """One actor and the number of batches it is running or has queued."""
+
+    index: int
+    actor: Any
+    inflight: int = 0
+    info: dict[str, Any] | None = None
+
+
+class ReplicaPool:
+    """Starts, feeds and stops the actors that serve one model."""
+
+    def __init__(self, spec: ModelSpec, *, inflight_per_replica: int, dispatch_attempts: int) -> None:
+        self.spec = spec
+        self._slots = inflight_per_replica
+        self._attempts = dispatch_attempts
+        self.replicas: list[Replica] = []
+
+    async def start(self, replicas: int | None = None) -> None:
+        """Start the actors and wait until each has built its model."""
+        count = replicas or self.spec.replicas
+        cls = ray.remote(ModelWorker)
+        new = [
+            Replica(index=len(self.replicas) + i, actor=cls.options(**self._actor_options()).remote(self.spec))
+            for i in range(count)
+        ]
+        infos = await asyncio.wait_for(
+            asyncio.gather(*(r.actor.ready.remote() for r in new)), READY_TIMEOUT_S
+        )
+        for replica, info in zip(new, infos, strict=True):
+            replica.info = info
+        self.replicas.extend(new)
+        log.info("model %s: %d replica(s) ready on %s", self.spec.id, count, infos[0].get("device"))
+
+    def _actor_options(self) -> dict[str, Any]:
+        wants_gpu = self.spec.device == "cuda" or (
+            self.spec.device == "auto" and _cluster_gpus() > 0
+        )
+        return {
+            "num_cpus": self.spec.num_cpus,
+            "num_gpus": 1 if wants_gpu else 0,  # fractional placement: registry (issue 5)
+            "max_restarts": -1,
+            "max_task_retries": 0,
+            "max_concurrency": 1,
+            "name": None,
+        }
+
+    async def stop(self) -> None:
+        for replica in self.replicas:
+            ray.kill(replica.actor, no_restart=True)
+        self.replicas.clear()
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        """A replica with nothing in flight: dispatch at once (work-conserving)."""
+        return any(r.inflight == 0 for r in self.replicas)
+
+    def free(self) -> Replica | None:
+        """The least busy replica with a free slot, if any."""
+        best = min(self.replicas, key=lambda r: r.inflight, default=None)
+        return best if best is not None and best.inflight < self._slots else None
+
+    def inflight(self) -> int:
+        return sum(r.inflight for r in self.replicas)
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self, replica: Replica, method: str, cts: list[str],
+                  payloads: list[bytes]) -> BatchResult:
+        """Run one batch on ``replica``; survives the worker's death (see module docstring).
+
+        The caller holds one of the replica's slots (``inflight``) for the whole call."""
+        for attempt in range(1, self._attempts + 1):
+            try:
+                result: BatchResult = await replica.actor.run.remote(method, cts, payloads)
+                return result
+            except RayActorError as exc:
+                log.warning("model %s: replica %d died running a batch of %d (attempt %d/%d): %s",
+                            self.spec.id, replica.index, len(payloads), attempt, self._attempts,
+                            type(exc).__name__)
+                await self._await_restart(replica)
+        if len(payloads) == 1:
+            message = f"the worker process died {self._attempts} times running this input"
+            return BatchResult([ItemResult(ok=False, code=ErrorCode.WORKER_DIED, message=message)], 0.0)
+        half = len(payloads) // 2
+        left = await self.run(replica, method, cts[:half], payloads[:half])
+        right = await self.run(replica, method, cts[half:], payloads[half:])
+        return BatchResult(left.items + right.items, left.exec_ms + right.exec_ms)
+
+    async def _await_restart(self, replica: Replica) -> None:
+        """Wait until Ray has restarted the actor and it has rebuilt its model."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                replica.info = await replica.actor.ready.remote()
+                return
+            except RayActorError:
+                await asyncio.sleep(0.2)  # Ray reports restarts only by failing calls
+        raise TimeoutError(f"model {self.spec.id}: replica {replica.index} did not restart")
+
+    async def memory(self) -> list[dict[str, int]]:
+        return list(await asyncio.gather(*(r.actor.memory.remote() for r in self.replicas)))
+
+
+def _cluster_gpus() -> float:
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    return resources.get("GPU", 0.0)

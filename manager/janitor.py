@@ -1,0 +1,122 @@
+"""Crash safety: reclaim entries of dead consumers, keep long batches claimed, dead-letter poison.
+
+Every few seconds, per model: ``XAUTOCLAIM`` entries idle past ``min_idle_ms`` (they belong to
+a manager that died, or to this one before a restart); entries delivered more than
+``max_deliveries`` times go to the dead-letter stream with a ``dead_letter`` result; batches
+running longer than half of ``min_idle_ms`` have their entries' idle time reset
+(``XCLAIM ... JUSTID``) so nobody reclaims work that is still being done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import redis.asyncio
+
+from manager.pipeline import ModelPipeline
+from manager.results import error
+from manager.settings import ManagerSettings
+from producer import keys
+from producer.wire import BadEntry, ErrorCode, parse_request
+
+__all__ = ["Janitor"]
+
+log = logging.getLogger(__name__)
+CLAIM_COUNT = 256
+
+
+class Janitor:
+    """Runs the periodic recovery passes for every model this manager serves."""
+
+    def __init__(self, client: redis.asyncio.Redis, settings: ManagerSettings,
+                 pipelines: dict[str, ModelPipeline]) -> None:
+        self._redis = client
+        self._settings = settings
+        self._pipelines = pipelines
+        self.reclaimed = 0
+        self.dead_lettered = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for pipeline in list(self._pipelines.values()):
+                if pipeline.reading:
+                    await self.refresh(pipeline)
+                    await self.reclaim(pipeline)
+            try:
+                async with asyncio.timeout(self._settings.janitor_interval_s):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+
+    async def reclaim(self, pipeline: ModelPipeline) -> int:
+        """Take over entries idle past ``min_idle_ms``; returns how many were taken."""
+        settings = self._settings
+        start = "0-0"
+        taken = 0
+        while True:
+            room = pipeline.prefetch_limit - len(pipeline.batcher)
+            if room <= 0:
+                break
+            response: Any = await self._redis.xautoclaim(
+                pipeline.stream, keys.GROUP, settings.consumer, settings.min_idle_ms,
+                start_id=start, count=min(room, CLAIM_COUNT),
+            )
+            start = response[0].decode() if isinstance(response[0], bytes) else response[0]
+            entries = [(eid, fields) for eid, fields in response[1] if eid is not None]
+            deleted = response[2] if len(response) > 2 else []
+            if deleted:
+                await self._redis.xack(pipeline.stream, keys.GROUP, *deleted)
+            if entries:
+                taken += len(entries)
+                await self._admit_claimed(pipeline, entries)
+            if start == "0-0" or not entries:
+                break
+        if taken:
+            self.reclaimed += taken
+            log.warning("model %s: reclaimed %d idle entries", pipeline.spec.id, taken)
+        return taken
+
+    async def _admit_claimed(self, pipeline: ModelPipeline, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        counts = await self._deliveries(pipeline.stream, [eid for eid, _ in entries])
+        fresh: dict[int, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+        poison: list[tuple[bytes, dict[bytes, bytes], int]] = []
+        for entry_id, fields in entries:
+            count = counts.get(entry_id, 2)
+            if count > self._settings.max_deliveries and fields:
+                poison.append((entry_id, fields, count))
+            else:
+                fresh.setdefault(count, []).append((entry_id, fields))
+        for count, group in fresh.items():
+            await pipeline.admit(group, deliveries=count)
+        if poison:
+            await self._dead_letter(pipeline, poison)
+
+    async def _deliveries(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
+        rows: Any = await self._redis.xpending_range(stream, keys.GROUP, min=ids[0], max=ids[-1], count=len(ids) * 4)
+        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+
+    async def _dead_letter(self, pipeline: ModelPipeline, poison: list[tuple[bytes, dict[bytes, bytes], int]]) -> None:
+        finished = []
+        for entry_id, fields, count in poison:
+            try:
+                request = parse_request(entry_id, fields)
+            except BadEntry:
+                continue  # the dead-letter stream keeps it; there is nobody to answer
+            request.deliveries = count
+            finished.append(error(pipeline.spec.id, request, ErrorCode.DEAD_LETTER,
+                                  f"delivered {count} times without completing (limit "
+                                  f"{self._settings.max_deliveries}); moved to {keys.dead_letters(pipeline.spec.id)}"))
+        # results first: the entry is acked only once its answer is written
+        if finished:
+            await pipeline.writer.write([f for f in finished], extra_acks=None)
+        reasons = [(eid, fields, f"delivered {count} times") for eid, fields, count in poison]
+        await pipeline.dead_letter(reasons, ErrorCode.DEAD_LETTER)
+        self.dead_lettered += len(poison)
+
+    async def refresh(self, pipeline: ModelPipeline) -> None:
+        """Reset the idle time of entries in long-running batches (XCLAIM JUSTID)."""
+        ids: list[Any] = list(pipeline.long_running_entries(self._settings.min_idle_ms // 2))
+        if ids:
+            await self._redis.xclaim(pipeline.stream, keys.GROUP, self._settings.consumer, 0, ids, justid=True)

@@ -1,0 +1,273 @@
+"""One model's path through the manager: read → admit → batch → dispatch → write.
+
+Three kinds of task per model: the reader (XREADGROUP, bounded prefetch), the batcher (forms
+and releases batches), and one task per batch in flight (runs it on a replica, writes its
+results, acks its entries). Nothing here sleeps to poll: waits are on events with timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import redis.asyncio
+from ray.exceptions import RayError
+
+from manager.batcher import Batcher, LatencyModel, Reason
+from manager.dispatcher import Replica, ReplicaPool
+from manager.results import BatchInfo, Finished, ResultWriter, error, success
+from manager.settings import ManagerSettings
+from producer import keys
+from producer.wire import BadEntry, ErrorCode, Request, now_ms, parse_request
+from workers.spec import ModelSpec
+
+__all__ = ["ModelPipeline"]
+
+log = logging.getLogger(__name__)
+_batch_ids = itertools.count(1)
+
+
+class ModelPipeline:
+    """Serves one model's stream with one pool of replicas."""
+
+    def __init__(self, spec: ModelSpec, *, client: redis.asyncio.Redis, pool: ReplicaPool,
+                 settings: ManagerSettings, spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
+                 latency: LatencyModel | None = None) -> None:
+        self.spec = spec
+        self.stream = keys.requests(spec.id)
+        self._redis = client
+        self._pool = pool
+        self._settings = settings
+        self._spawn = spawn
+        self.batcher = Batcher(cap=spec.max_batch, max_wait_ms=spec.max_wait_ms, latency=latency or LatencyModel())
+        self.writer = ResultWriter(client, model=spec.id, reply_maxlen=settings.reply_maxlen)
+        self._wake = asyncio.Event()  # work arrived or a batch finished
+        self._room = asyncio.Event()  # the batcher made room for prefetch
+        self._inflight_items = 0
+        self._batches: dict[str, tuple[int, list[Request]]] = {}  # batch id -> (started ms, requests)
+        self.reading = True
+        self.draining = False
+        self.served = 0
+
+    def wake(self) -> None:
+        """Make the batch loop look again (new work, a free slot, or shutdown)."""
+        self._wake.set()
+        self._room.set()
+
+    @property
+    def prefetch_limit(self) -> int:
+        """Read only what can be dispatched soon: the batches all slots can hold, plus one."""
+        slots = max(1, len(self._pool.replicas)) * self._settings.inflight_per_replica
+        return self.spec.max_batch * (slots + 1)
+
+    def long_running_entries(self, older_than_ms: int) -> list[str]:
+        """Entry ids of batches running for longer than ``older_than_ms``."""
+        cutoff = now_ms() - older_than_ms
+        return [r.entry_id for started, batch in self._batches.values() if started < cutoff for r in batch]
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        try:
+            await self._redis.xgroup_create(self.stream, keys.GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read_loop(self) -> None:
+        """Own pending entries first (a restart after a crash), then new ones."""
+        await self.ensure_group()
+        await self._recover_own_pending()
+        consumer = self._settings.consumer
+        while self.reading:
+            room = self.prefetch_limit - len(self.batcher) - self._inflight_items
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                response = await self._redis.xreadgroup(
+                    keys.GROUP, consumer, {self.stream: ">"}, count=room, block=self._settings.block_ms
+                )
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()  # the stream was deleted under us
+                continue
+            if response and self.reading:
+                await self.admit(response[0][1], deliveries=1)
+
+    async def _recover_own_pending(self) -> None:
+        last = "0"
+        consumer = self._settings.consumer
+        recovered = 0
+        while True:
+            response = await self._redis.xreadgroup(keys.GROUP, consumer, {self.stream: last}, count=1000)
+            entries = response[0][1] if response else []
+            if not entries:
+                break
+            last = entries[-1][0]
+            recovered += len(entries)
+            await self.admit(entries, deliveries=2)
+        if recovered:
+            log.info("model %s: recovered %d pending entries of consumer %s", self.spec.id, recovered, consumer)
+
+    async def admit(self, entries: list[tuple[bytes, dict[bytes, bytes]]], *, deliveries: int) -> None:
+        """Parse entries: good ones go to the batcher, bad ones get their error result now."""
+        now = now_ms()
+        finished: list[Finished] = []
+        dead: list[tuple[bytes, dict[bytes, bytes], str]] = []
+        model = self.spec.id
+        for entry_id, fields in entries:
+            if not fields:  # deleted while pending: nothing to serve
+                dead.append((entry_id, {}, ""))
+                continue
+            try:
+                request = parse_request(entry_id, fields)
+            except BadEntry as exc:
+                if exc.request_id is None:
+                    dead.append((entry_id, fields, str(exc)))
+                    continue
+                request = Request(id=exc.request_id, ct=exc.ct, payload=b"", reply=exc.reply,
+                                  ttl_s=exc.ttl_s, entry_id=entry_id.decode(), read_ms=now)
+                finished.append(error(model, request, exc.code, str(exc)))
+                continue
+            request.read_ms = now
+            request.deliveries = deliveries
+            if len(request.payload) > self._settings.max_payload_bytes:
+                finished.append(error(model, request, ErrorCode.TOO_LARGE,
+                                      f"payload of {len(request.payload)} bytes is over the limit of "
+                                      f"{self._settings.max_payload_bytes} bytes"))
+            elif self.batcher.hopeless(request, now):
+                finished.append(error(model, request, ErrorCode.DEADLINE_EXCEEDED,
+                                      _deadline_message(request, now, self.batcher.latency.predict(1))))
+            else:
+                self.batcher.add(request)
+        if dead:
+            await self.dead_letter(dead, ErrorCode.BAD_REQUEST)
+        if finished:
+            await self.writer.write(finished)
+        self._wake.set()
+
+    async def dead_letter(self, entries: list[tuple[bytes, dict[bytes, bytes], str]], code: ErrorCode) -> None:
+        """Move entries to the dead-letter stream (with reason), then ack and delete them."""
+        pipe = self._redis.pipeline(transaction=False)
+        ids = []
+        for entry_id, fields, reason in entries:
+            ids.append(entry_id)
+            if fields:
+                record: dict[Any, Any] = dict(fields)
+                record.update({b"reason": reason.encode(), b"code": str(code).encode(),
+                               b"entry": entry_id, b"consumer": self._settings.consumer.encode()})
+                pipe.xadd(keys.dead_letters(self.spec.id), record, maxlen=100_000, approximate=True)
+                log.warning("model %s: entry %s dead-lettered: %s", self.spec.id, entry_id.decode(), reason)
+        pipe.xack(self.stream, keys.GROUP, *ids)
+        pipe.xdel(self.stream, *ids)
+        await pipe.execute()
+
+    # -- batching ---------------------------------------------------------------------------
+
+    async def batch_loop(self) -> None:
+        """Release batches whenever a slot is free and the batcher says go."""
+        pool = self._pool
+        while True:
+            if not self.reading and not len(self.batcher):
+                return
+            replica = pool.free()
+            reason, wait_ms = None, float("inf")
+            if replica is not None:
+                reason, wait_ms = self.batcher.decide(now_ms(), idle_replica=pool.idle(),
+                                                      draining=self.draining)
+            if replica is None or reason is None:
+                self._wake.clear()  # no await since the decision: nothing can have been missed
+                await _wait(self._wake, None if wait_ms == float("inf") else wait_ms / 1000)
+                continue
+            requests = self.batcher.take()
+            self._room.set()
+            self._inflight_items += len(requests)
+            batch_id = f"{self._settings.consumer}:{next(_batch_ids)}"
+            self._batches[batch_id] = (now_ms(), requests)
+            replica.inflight += 1  # the slot is held until _execute ends
+            self._spawn(self._execute(batch_id, requests, reason, replica), f"batch-{batch_id}")
+
+    async def _execute(self, batch_id: str, requests: list[Request], reason: Reason, replica: Replica) -> None:
+        try:
+            finished = await self._run(batch_id, requests, reason, replica)
+            await asyncio.shield(self.writer.write(finished))
+            self.served += len(finished)
+        finally:
+            replica.inflight -= 1
+            self._inflight_items -= len(requests)
+            self._batches.pop(batch_id, None)
+            self._room.set()
+            self._wake.set()
+
+    async def _run(self, batch_id: str, requests: list[Request], reason: Reason, replica: Replica) -> list[Finished]:
+        model = self.spec.id
+        finished, runnable = await self._drop_before_run(requests)
+        if not runnable:
+            return finished
+        info_ms = now_ms()
+        method = runnable[0].method or self.spec.methods[0]
+        try:
+            result = await self._pool.run(replica, method, [r.ct for r in runnable],
+                                          [r.payload for r in runnable])
+        except (RayError, TimeoutError) as exc:  # the worker cannot run at all: answer, do not retry forever
+            log.error("model %s: batch %s of %d failed in Ray: %s", model, batch_id, len(runnable), exc)
+            message = f"the model's worker failed: {type(exc).__name__}: {str(exc)[:500]}"
+            return finished + [error(model, r, ErrorCode.INTERNAL, message) for r in runnable]
+        if len(result.items) != len(runnable):
+            message = f"worker returned {len(result.items)} results for a batch of {len(runnable)}"
+            return finished + [error(model, r, ErrorCode.OUTPUT_MISMATCH, message) for r in runnable]
+        info = BatchInfo(id=batch_id, size=len(runnable), reason=str(reason), dispatched_ms=info_ms,
+                         exec_ms=result.exec_ms)
+        self.batcher.latency.observe(len(runnable), result.exec_ms)
+        for request, item in zip(runnable, result.items, strict=True):
+            if item.ok:
+                finished.append(success(model, request, item.out, info))
+            else:
+                finished.append(error(model, request, item.code, item.message, info))
+        return finished
+
+    async def _drop_before_run(self, requests: list[Request]) -> tuple[list[Finished], list[Request]]:
+        """Answer cancelled, expired and already-answered requests without running them."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.mget([keys.cancel(r.id) for r in requests])
+        pipe.mget([keys.result(r.id) for r in requests])
+        cancelled, existing = await pipe.execute()
+        now = now_ms()
+        model = self.spec.id
+        finished: list[Finished] = []
+        runnable: list[Request] = []
+        for request, flag, previous in zip(requests, cancelled, existing, strict=True):
+            if previous is not None:  # same id already answered: idempotent, no second run
+                finished.append(Finished(request, previous))
+            elif flag is not None:
+                finished.append(error(model, request, ErrorCode.CANCELLED, "cancelled by the client before it ran"))
+            elif request.deadline_ms is not None and now > request.deadline_ms:
+                finished.append(error(model, request, ErrorCode.DEADLINE_EXCEEDED,
+                                      _deadline_message(request, now, 0.0)))
+            else:
+                runnable.append(request)
+        return finished, runnable
+
+
+def _deadline_message(request: Request, now: int, predicted_ms: float) -> str:
+    assert request.deadline_ms is not None
+    late = now - request.deadline_ms
+    if late >= 0:
+        return f"deadline passed {late} ms before the request could run"
+    return (f"deadline in {-late} ms cannot be met: running it alone is predicted to take "
+            f"{predicted_ms:.1f} ms")
+
+
+async def _wait(event: asyncio.Event, timeout_s: float | None) -> None:
+    """Until ``event`` is set or the timeout passes."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        pass

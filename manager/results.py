@@ -1,0 +1,100 @@
+"""Writing results: envelope, completion token, reply-stream notice, then XACK + XDEL.
+
+Everything for one batch goes out in one pipeline. The result key is written with NX (first
+writer wins), so an entry that runs twice after a crash still has exactly one result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio
+
+from producer import keys
+from producer.wire import PROTOCOL_VERSION, ErrorCode, Request, encode_envelope, now_ms
+
+__all__ = ["BatchInfo", "Finished", "ResultWriter", "error", "success"]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """Provenance of the batch a request ran in."""
+
+    id: str
+    size: int
+    reason: str
+    dispatched_ms: int
+    exec_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """One request's outcome, ready to be written."""
+
+    request: Request
+    envelope: bytes
+
+
+def success(model: str, request: Request, out: bytes, batch: BatchInfo) -> Finished:
+    header = _header(model, request, batch)
+    header["ok"] = True
+    return Finished(request, encode_envelope(request.ct, header, out))
+
+
+def error(model: str, request: Request, code: ErrorCode | str, message: str,
+          batch: BatchInfo | None = None) -> Finished:
+    header = _header(model, request, batch)
+    header["ok"] = False
+    header["err"] = {"code": str(code), "message": message}
+    return Finished(request, encode_envelope(request.ct, header))
+
+
+def _header(model: str, request: Request, batch: BatchInfo | None) -> dict[str, Any]:
+    read_ms = request.read_ms or now_ms()
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request.id, "ok": True, "model": model}
+    queued = max(0, read_ms - request.enqueued_ms) if request.enqueued_ms else 0
+    if batch is None:
+        header["timings"] = {"queued_ms": queued, "wait_ms": max(0, now_ms() - read_ms), "exec_ms": 0}
+    else:
+        header["timings"] = {"queued_ms": queued, "wait_ms": max(0, batch.dispatched_ms - read_ms),
+                             "exec_ms": round(batch.exec_ms, 3)}
+        header["batch"] = {"id": batch.id, "size": batch.size, "reason": batch.reason}
+    header["deliveries"] = request.deliveries
+    return header
+
+
+class ResultWriter:
+    """Writes the results of one model's requests and acknowledges their entries."""
+
+    def __init__(self, client: redis.asyncio.Redis, *, model: str, reply_maxlen: int) -> None:
+        self._redis = client
+        self._model = model
+        self._stream = keys.requests(model)
+        self._reply_maxlen = reply_maxlen
+
+    async def write(self, finished: list[Finished], extra_acks: list[str] | None = None) -> None:
+        """Write every result, then ack and delete the entries (and ``extra_acks``)."""
+        if not finished and not extra_acks:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        replies: dict[str, int] = {}
+        for item in finished:
+            req = item.request
+            pipe.set(keys.result(req.id), item.envelope, nx=True, ex=req.ttl_s)
+            done = keys.done(req.id)
+            pipe.rpush(done, b"1")
+            pipe.expire(done, req.ttl_s)
+            if req.reply is not None:
+                stream = keys.reply(req.reply)
+                pipe.xadd(stream, {"id": req.id, "r": item.envelope},
+                          maxlen=self._reply_maxlen, approximate=True)
+                replies[stream] = max(replies.get(stream, 0), req.ttl_s)
+        for stream, ttl in replies.items():
+            pipe.expire(stream, ttl)
+        ack_ids = [item.request.entry_id for item in finished if item.request.entry_id]
+        ack_ids.extend(extra_acks or ())
+        if ack_ids:
+            pipe.xack(self._stream, keys.GROUP, *ack_ids)
+            pipe.xdel(self._stream, *ack_ids)
+        await pipe.execute()

@@ -1,0 +1,201 @@
+"""The manager process: lifecycle, one pipeline per model, janitor, heartbeat.
+
+Shutdown is a state machine, RUNNING → DRAINING → STOPPED: a signal only asks for it; the
+drain stops reading, finishes what was read (bounded by ``shutdown_timeout_s``), and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import redis.asyncio
+
+from manager import raycluster
+from manager.dispatcher import ReplicaPool
+from manager.janitor import Janitor
+from manager.pipeline import ModelPipeline
+from manager.settings import ManagerSettings
+from manager.unknown import UnknownModels
+from producer import keys
+from producer.errors import NosqError
+from producer.wire import now_ms
+from workers.spec import ServeConfig
+
+__all__ = ["Manager", "State"]
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Manager:
+    """Serves every model of ``config`` from Redis until asked to stop."""
+
+    def __init__(self, config: ServeConfig, settings: ManagerSettings) -> None:
+        self.config = config
+        self.settings = settings
+        self.state = State.CREATED
+        self.pipelines: dict[str, ModelPipeline] = {}
+        self._pools: dict[str, ReplicaPool] = {}
+        self._redis: redis.asyncio.Redis | None = None
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started_at = time.time()
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler: only records the wish."""
+        self._stop.set()
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        """Start, serve until ``request_stop`` (or SIGTERM/SIGINT), then drain and stop."""
+        try:
+            await self.start()
+            if handle_signals:  # after Ray's init, which installs handlers of its own
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self.request_stop)
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        if self.state is not State.CREATED:
+            raise NosqError(f"manager cannot start from state {self.state.value}")
+        self.state = State.STARTING
+        settings = self.settings
+        self._redis = settings.redis.async_client()
+        await self._claim_consumer_name()
+        raycluster.connect(settings.ray_address, settings.ray_num_cpus)  # main thread: Ray sets signal handlers
+        for spec in self.config.models:
+            pool = ReplicaPool(spec, inflight_per_replica=settings.inflight_per_replica,
+                               dispatch_attempts=settings.dispatch_attempts)
+            self._pools[spec.id] = pool
+        await asyncio.gather(*(pool.start() for pool in self._pools.values()))
+        for spec in self.config.models:
+            pipeline = ModelPipeline(spec, client=self._redis, pool=self._pools[spec.id],
+                                     settings=settings, spawn=self._spawn)
+            self.pipelines[spec.id] = pipeline
+            await pipeline.ensure_group()
+        for model, pipeline in self.pipelines.items():
+            self._spawn(pipeline.read_loop(), f"read-{model}")
+            self._spawn(pipeline.batch_loop(), f"batch-{model}")
+        self.janitor = Janitor(self._redis, settings, self.pipelines)
+        self.unknown = UnknownModels(self._redis, settings, set(self.pipelines))
+        self._spawn(self.janitor.run(self._stop), "janitor")
+        self._spawn(self.unknown.run(self._stop), "unknown-models")
+        self._spawn(self._heartbeat(), "heartbeat")
+        self.state = State.RUNNING
+        log.info("manager %s serving %s", settings.consumer, ", ".join(self.pipelines))
+
+    async def stop(self) -> None:
+        """Drain (bounded), then release Ray and Redis."""
+        if self.state in (State.STOPPED, State.CREATED):
+            self.state = State.STOPPED
+            return
+        self.state = State.DRAINING
+        self._stop.set()
+        for pipeline in self.pipelines.values():
+            pipeline.reading = False
+            pipeline.draining = True
+            pipeline.wake()
+        pending = [t for t in self._tasks if not t.done()]
+        still: set[asyncio.Task[None]] = set()
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_s)
+        if still:
+            log.warning("shutdown: %d task(s) did not finish within %.0f s; their entries stay pending "
+                        "and will be reclaimed", len(still), self.settings.shutdown_timeout_s)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        for pool in self._pools.values():
+            await pool.stop()
+        await asyncio.to_thread(raycluster.disconnect)
+        if self._redis is not None:
+            with contextlib.suppress(redis.RedisError):
+                await self._redis.delete(keys.manager_heartbeat(self.settings.consumer))
+            await self._redis.aclose()
+        self.state = State.STOPPED
+        log.info("manager %s stopped", self.settings.consumer)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("task %s failed: %r; stopping the manager", task.get_name(), exc, exc_info=exc)
+            self.failed = exc
+            self._stop.set()
+
+    def _client(self) -> redis.asyncio.Redis:
+        if self._redis is None:
+            raise NosqError("manager is not started")
+        return self._redis
+
+    def _heartbeat_value(self) -> str:
+        return json.dumps({
+            "host": socket.gethostname(), "pid": os.getpid(), "started": self._started_at,
+            "state": self.state.value, "models": sorted(self.pipelines), "at_ms": now_ms(),
+            "served": {m: p.served for m, p in self.pipelines.items()},
+        })
+
+    async def _claim_consumer_name(self) -> None:
+        """Refuse to run beside a live manager that uses the same consumer name."""
+        key = keys.manager_heartbeat(self.settings.consumer)
+        current = await self._client().get(key)
+        if current is not None:
+            other = json.loads(current)
+            same_host = other.get("host") == socket.gethostname()
+            if not same_host or _alive(int(other.get("pid", 0))):
+                raise NosqError(
+                    f"consumer name {self.settings.consumer!r} is in use by a live manager "
+                    f"(pid {other.get('pid')} on {other.get('host')}): give each manager its own --consumer"
+                )
+        await self._client().set(key, self._heartbeat_value(), ex=self.settings.heartbeat_ttl_s)
+
+    async def _heartbeat(self) -> None:
+        key = keys.manager_heartbeat(self.settings.consumer)
+        while not self._stop.is_set():
+            await self._client().set(key, self._heartbeat_value(), ex=self.settings.heartbeat_ttl_s)
+            try:
+                async with asyncio.timeout(self.settings.heartbeat_ttl_s / 3):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,33 @@
+"""The manager's settings: a pydantic model built by the CLI (never from the environment)."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from producer.settings import RedisSettings
+
+__all__ = ["ManagerSettings"]
+
+
+class ManagerSettings(BaseModel):
+    """How one manager process reads, batches, dispatches and recovers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    consumer: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9_.:\-]{1,64}$")
+    block_ms: int = Field(default=200, ge=1, description="longest blocking XREADGROUP")
+    inflight_per_replica: int = Field(default=2, ge=1, description="batches queued at each replica")
+    janitor_interval_s: float = Field(default=2.0, gt=0)
+    min_idle_ms: int = Field(default=30_000, ge=100, description="idle time before XAUTOCLAIM takes an entry")
+    max_deliveries: int = Field(default=5, ge=1, description="deliveries before the dead-letter stream")
+    dispatch_attempts: int = Field(default=3, ge=1, description="tries of one batch when its worker dies")
+    heartbeat_ttl_s: int = Field(default=10, ge=2)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    unknown_scan_interval_s: float = Field(default=1.0, gt=0)
+    max_payload_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    reply_maxlen: int = Field(default=100_000, ge=1000)
+    ray_address: str | None = None
+    ray_num_cpus: int | None = Field(default=None, ge=1)

@@ -1,0 +1,61 @@
+"""ModelWorker inside a real Ray actor, the way the manager wraps it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from producer.codec import decode_value, encode_value
+from workers import demo
+from workers.actor import BatchResult, ModelWorker
+from workers.spec import ModelSpec
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(
+        address="local",  # never join a cluster some earlier run left behind
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_mlp_in_ray_actor_matches_direct(ray_local: Any) -> None:
+    spec = ModelSpec(id="mlp", factory="workers.demo:mlp", threads=1)
+    actor = ray_local.remote(ModelWorker).options(num_cpus=spec.num_cpus).remote(spec)
+    try:
+        info = ray_local.get(actor.ready.remote(), timeout=120)
+        assert info["device"] == "cpu"
+        assert info["pid"] != os.getpid()
+        items = [np.random.default_rng(i).standard_normal(512, dtype=np.float32) for i in range(6)]
+        cts = ["msgpack", "json"] * 3
+        payloads = [encode_value(ct, item) for ct, item in zip(cts, items, strict=True)]
+        result = ray_local.get(actor.run.remote("forward", cts, payloads), timeout=120)
+        assert isinstance(result, BatchResult)
+        assert len(result.items) == 6
+        assert result.exec_ms > 0
+        with torch.inference_mode():
+            direct = demo.mlp()(torch.from_numpy(np.stack(items)))
+        for i, (ct, item) in enumerate(zip(cts, result.items, strict=True)):
+            assert item.ok, item
+            out = torch.from_numpy(decode_value(ct, item.out).copy())
+            assert torch.allclose(out, direct[i], atol=1e-5)
+        assert set(ray_local.get(actor.memory.remote(), timeout=60)) == {"rss_bytes"}
+    finally:
+        ray_local.kill(actor)
