@@ -96,8 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
     manager = Manager(config, ManagerSettings(**overrides))
 
     asyncio.run(manager.run(handle_signals=True))
-    failed = getattr(manager, "failed", None)
-    return EXIT_ERROR if failed is not None else 0
+    return EXIT_ERROR if manager.failed is not None else 0
 
 
 def _submit(args: argparse.Namespace) -> int:

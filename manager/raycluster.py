@@ -15,10 +15,13 @@ log = logging.getLogger(__name__)
 DIRECT_CALL_BYTES = 4 * 1024 * 1024
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at ``address``, or start a private one bound to 127.0.0.1."""
+def connect(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the Ray cluster at ``address``, or start a private one bound to 127.0.0.1.
+
+    Returns False when Ray was already initialised in this process (the caller then leaves
+    it running when it stops)."""
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Ray's abseil handler turns SIGTERM into a stack dump and an abort 3 s later; the
     # manager drains on SIGTERM itself
@@ -26,7 +29,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
         log.info("joined Ray cluster at %s", address)
-        return
+        return True
     # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; without it a "local"
     # instance binds the machine's non-loopback address. A private instance stays on loopback.
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -39,6 +42,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         _system_config={"max_direct_call_object_size": DIRECT_CALL_BYTES},
     )
     log.info("started a local Ray instance on 127.0.0.1")
+    return True
 
 
 def disconnect() -> None:

@@ -57,6 +57,8 @@ class Manager:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_at = time.time()
+        self._owns_ray = False
+        self.failed: BaseException | None = None
 
     def request_stop(self) -> None:
         """Safe from a signal handler: only records the wish."""
@@ -81,7 +83,8 @@ class Manager:
         settings = self.settings
         self._redis = settings.redis.async_client()
         await self._claim_consumer_name()
-        raycluster.connect(settings.ray_address, settings.ray_num_cpus)  # main thread: Ray sets signal handlers
+        # in the main thread: Ray installs signal handlers
+        self._owns_ray = raycluster.connect(settings.ray_address, settings.ray_num_cpus)
         for spec in self.config.models:
             pool = ReplicaPool(spec, inflight_per_replica=settings.inflight_per_replica,
                                dispatch_attempts=settings.dispatch_attempts)
@@ -126,7 +129,8 @@ class Manager:
             await asyncio.gather(*still, return_exceptions=True)
         for pool in self._pools.values():
             await pool.stop()
-        await asyncio.to_thread(raycluster.disconnect)
+        if self._owns_ray:
+            await asyncio.to_thread(raycluster.disconnect)
         if self._redis is not None:
             with contextlib.suppress(redis.RedisError):
                 await self._redis.delete(keys.manager_heartbeat(self.settings.consumer))

@@ -103,14 +103,15 @@ def test_sync_as_completed_any_order(settings: RedisSettings, client: redis.Redi
 def test_sync_error_envelope(settings: RedisSettings, client: redis.Redis) -> None:
     manager = FakeManager(handler=failing)
     with Producer(settings) as p:
-        handle = p.submit("echo", 7)
+        first, second = p.submit_many("echo", [7, 8])
         manager.serve(client)
-        envelope = p.outcome(handle, timeout_s=5)
+        envelope = p.outcome(first, timeout_s=5)
         assert (envelope.ok, envelope.code, envelope.message) == (False, "model_error", "cannot run on 7")
+        assert envelope.out is None
         with pytest.raises(RemoteError) as info:
-            p.result(handle, timeout_s=5)  # asked again: found through the result key
-    assert (info.value.request_id, info.value.code, info.value.message) == (handle.id, "model_error",
-                                                                            "cannot run on 7")
+            p.result(second, timeout_s=5)
+    assert (info.value.request_id, info.value.code, info.value.message) == (second.id, "model_error",
+                                                                            "cannot run on 8")
     assert isinstance(info.value, NosqError)
 
 
@@ -217,17 +218,34 @@ def test_sync_queue_full(settings: RedisSettings, client: redis.Redis) -> None:
     assert client.xlen(keys.requests("echo")) == 2
 
 
-def test_sync_result_key_without_completion(settings: RedisSettings, client: redis.Redis) -> None:
+def test_sync_result_key_without_completion(settings: RedisSettings, client: redis.Redis,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The safety check finds results whose completion never reached the reply stream."""
+    assert producer.client.SAFETY_CHECK_AFTER_S == 2.0
+    monkeypatch.setattr(producer.client, "SAFETY_CHECK_AFTER_S", 0.3)
     with Producer(settings) as p:
         handle = p.submit("echo", 1)
         write_result_only(client, handle, "late")
         started = time.monotonic()
         assert p.result(handle, timeout_s=5) == "late"
-        assert time.monotonic() - started < 3.5  # found by the check after ~2 s
+        assert 0.3 <= time.monotonic() - started < 1.5
         other = Handle(id="made-elsewhere", model="echo", ct="msgpack", deadline_ms=None, ttl_s=60)
         write_result_only(client, other, "theirs")
         assert p.result(other, timeout_s=5) == "theirs"
+
+
+@pytest.mark.xfail(strict=True, reason="slow path: the sync producer looks at the result key of a handle "
+                   "it did not submit only after SAFETY_CHECK_AFTER_S (aio.py reads it at once)")
+def test_sync_stored_result_is_read_at_once(fake_settings: RedisSettings,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(producer.client, "SAFETY_CHECK_AFTER_S", 1.0)
+    client = fake_settings.client()
+    other = Handle(id="made-elsewhere", model="echo", ct="msgpack", deadline_ms=None, ttl_s=60)
+    write_result_only(client, other, "theirs")
+    with Producer(fake_settings) as p:
+        started = time.monotonic()
+        assert p.result(other, timeout_s=5) == "theirs"
+    assert time.monotonic() - started < 0.5
 
 
 def test_sync_reply_stream_is_trimmed_and_deleted(redis_db: RedisSettings, manager: FakeManager) -> None:
@@ -440,7 +458,11 @@ async def test_async_queue_full(settings: RedisSettings, client: redis.Redis) ->
     assert [h.id for h in accepted] == [f[b"id"].decode() for _, f in client.xrange(keys.requests("echo"))]
 
 
-async def test_async_result_key_without_completion(settings: RedisSettings, client: redis.Redis) -> None:
+async def test_async_result_key_without_completion(settings: RedisSettings, client: redis.Redis,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (producer.aio.SAFETY_CHECK_AFTER_S, producer.aio.REPLY_BLOCK_MS) == (2.0, 1000)
+    monkeypatch.setattr(producer.aio, "SAFETY_CHECK_AFTER_S", 0.3)
+    monkeypatch.setattr(producer.aio, "REPLY_BLOCK_MS", 100)  # the check runs after an idle read
     async with AsyncProducer(settings) as p:
         other = Handle(id="made-elsewhere", model="echo", ct="msgpack", deadline_ms=None, ttl_s=60)
         write_result_only(client, other, "theirs")
