@@ -41,16 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nosq", description="Serve PyTorch models from Redis streams: batched, crash-safe, on Ray.",
+        parents=[_common_options(with_defaults=True)],
     )
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
-                        help="redis://, rediss:// or unix:// URL (default: %(default)s)")
-    parser.add_argument("--redis-username", default=None, help="Redis ACL user")
-    parser.add_argument("--redis-password", default=None, help="Redis ACL password")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common_options(with_defaults=False)  # also accepted after the subcommand
 
-    serve = sub.add_parser("serve", help="run a manager: read request streams, batch, run models")
+    serve = sub.add_parser("serve", parents=[common], help="run a manager: read request streams, batch, run models")
     serve.add_argument("--config", type=Path, default=None,
                        help="TOML or YAML model list (default: the four built-in demo models)")
     serve.add_argument("--consumer", default=None, help="this manager's consumer name (default: host name)")
@@ -59,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to drain on SIGTERM")
     serve.set_defaults(handler=_serve)
 
-    submit = sub.add_parser("submit", help="enqueue one request, wait, print its result")
+    submit = sub.add_parser("submit", parents=[common], help="enqueue one request, wait, print its result")
     submit.add_argument("model", help="a configured model id, e.g. noop")
     submit.add_argument("--json", dest="payload", required=True,
                         help='the inputs as JSON, e.g. \'{"x": [1, 2]}\' (tensors: {"dtype","shape","b64"})')
@@ -68,11 +64,25 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--envelope", action="store_true", help="print the whole result envelope")
     submit.set_defaults(handler=_submit)
 
-    demo = sub.add_parser("demo", help="start a manager with the demo models, send a burst, print a summary")
+    demo = sub.add_parser("demo", parents=[common], help="start a manager with the demo models, send a burst, print a summary")
     demo.add_argument("--requests", type=int, default=2000, help="requests per model")
     demo.add_argument("--concurrency", type=int, default=256, help="requests in flight per model")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _common_options(*, with_defaults: bool) -> argparse.ArgumentParser:
+    def default(value: Any) -> Any:
+        return value if with_defaults else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--redis-url", default=default("redis://127.0.0.1:6379/0"),
+                        help="redis://, rediss:// or unix:// URL (default: redis://127.0.0.1:6379/0)")
+    common.add_argument("--redis-username", default=default(None), help="Redis ACL user")
+    common.add_argument("--redis-password", default=default(None), help="Redis ACL password")
+    common.add_argument("--log-level", default=default("info"), choices=["debug", "info", "warning", "error"])
+    common.add_argument("--log-format", default=default("text"), choices=["text", "json"])
+    return common
 
 
 def redis_settings(args: argparse.Namespace) -> RedisSettings:

@@ -67,7 +67,7 @@ def encode_value(ct: str, value: Any) -> bytes:
         if ct == "msgpack":
             return msgpack.packb(value, default=_msgpack_default, use_bin_type=True)  # type: ignore[no-any-return]
         if ct == "json":
-            return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+            return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False).encode()
     except ProtocolError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:

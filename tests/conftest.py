@@ -32,6 +32,13 @@ class FakeRedisSettings(RedisSettings):
         return fakeredis.FakeAsyncRedis(server=self._server)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for the real Redis is an integration test, marked or not."""
+    for item in items:
+        if {"redis_url", "redis_db"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The real Redis the integration tier needs; fails with how to start it."""

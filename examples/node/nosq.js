@@ -2,6 +2,7 @@
 /**
  * A small client for nosq wire protocol v1 (docs/protocol.md), for Node.js 20+.
  *
+ *   // inside an async function:
  *   const { createClient } = require('redis');
  *   const nosq = require('./nosq');
  *   const client = await createClient({ url: 'redis://127.0.0.1:6379/0' }).connect();

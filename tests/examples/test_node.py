@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +58,18 @@ def node() -> str:
     return node_bin
 
 
+RunNode = Callable[..., subprocess.CompletedProcess[str]]
+
+
 @pytest.fixture
-def db(redis_db: RedisSettings) -> Any:
+def db(redis_db: RedisSettings) -> Iterator[redis.Redis]:
     client = redis_db.client()
     yield client
     client.close()
 
 
 @pytest.fixture
-def run_node(node: str, redis_db: RedisSettings) -> Any:
+def run_node(node: str, redis_db: RedisSettings) -> RunNode:
     """Run `node <args>` in examples/node against db 9; returns the CompletedProcess."""
     env = {**os.environ, "NOSQ_REDIS_URL": redis_db.url}
 
@@ -102,7 +106,7 @@ def ok_header(model: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("ct", CONTENT_TYPES)
-def test_node_enqueue_is_a_valid_v1_entry(ct: str, run_node: Any, db: redis.Redis) -> None:
+def test_node_enqueue_is_a_valid_v1_entry(ct: str, run_node: RunNode, db: redis.Redis) -> None:
     request_id = node_ok(run_node("cli.js", "enqueue", "noop", ct))["id"]
 
     entries = db.xrange(keys.requests("noop"))
@@ -119,7 +123,7 @@ def test_node_enqueue_is_a_valid_v1_entry(ct: str, run_node: Any, db: redis.Redi
     np.testing.assert_array_equal(inputs["x"], EXPECTED_X)
 
 
-def test_node_enqueue_options_reach_the_entry(run_node: Any, db: redis.Redis) -> None:
+def test_node_enqueue_options_reach_the_entry(run_node: RunNode, db: redis.Redis) -> None:
     request_id = f"node-{uuid.uuid4().hex}"
     before_ms = time.time_ns() // 1_000_000
     node_ok(run_node("cli.js", "enqueue", "mlp.v2", "json", "--timeout-ms=5000", "--ttl-s=60",
@@ -132,7 +136,7 @@ def test_node_enqueue_options_reach_the_entry(run_node: Any, db: redis.Redis) ->
     assert before_ms + 5000 <= request.deadline_ms <= time.time_ns() // 1_000_000 + 5000
 
 
-def test_node_respects_the_admission_limit(run_node: Any, db: redis.Redis, node: str) -> None:
+def test_node_respects_the_admission_limit(run_node: RunNode, db: redis.Redis, node: str) -> None:
     script = subprocess.run([node, "-p", "require('./nosq').ENQUEUE_LUA"], cwd=EXAMPLE_DIR,
                             capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=True)
     assert script.stdout.strip() == ENQUEUE_LUA.strip(), "nosq.js must carry producer's ENQUEUE_LUA"
@@ -147,7 +151,7 @@ def test_node_respects_the_admission_limit(run_node: Any, db: redis.Redis, node:
 
 
 @pytest.mark.parametrize("ct", CONTENT_TYPES)
-def test_node_reads_a_result_written_before_it_waits(ct: str, run_node: Any, db: redis.Redis) -> None:
+def test_node_reads_a_result_written_before_it_waits(ct: str, run_node: RunNode, db: redis.Redis) -> None:
     request_id = node_ok(run_node("cli.js", "enqueue", "noop", ct))["id"]
     [(entry_id, fields)] = db.xrange(keys.requests("noop"))
     request = parse_request(entry_id, fields)
@@ -197,7 +201,7 @@ def test_node_blocks_until_the_result_arrives(
 
 
 @pytest.mark.parametrize("ct", CONTENT_TYPES)
-def test_node_reads_an_error_envelope(ct: str, run_node: Any, db: redis.Redis) -> None:
+def test_node_reads_an_error_envelope(ct: str, run_node: RunNode, db: redis.Redis) -> None:
     request_id = f"err-{uuid.uuid4().hex}"
     header = {
         "ok": False, "err": {"code": "deadline_exceeded", "message": "deadline passed 12 ms ago"},
@@ -213,12 +217,12 @@ def test_node_reads_an_error_envelope(ct: str, run_node: Any, db: redis.Redis) -
     assert "out" not in envelope
 
 
-def test_node_wait_times_out_without_a_result(run_node: Any) -> None:
+def test_node_wait_times_out_without_a_result(run_node: RunNode) -> None:
     started = time.monotonic()
     done = run_node("cli.js", "wait", "never-answered", "json", "0.3")
     assert done.returncode == EXIT_TIMEOUT, done.stderr
     assert "no result for request 'never-answered' within 0.3 s" in done.stderr
-    assert time.monotonic() - started < CLI_TIMEOUT_S
+    assert time.monotonic() - started < 10
 
 
 def _sample(dtype: str) -> np.ndarray:
@@ -251,7 +255,7 @@ def _exact(value: Any) -> Any:
 
 @pytest.mark.parametrize("ct", CONTENT_TYPES)
 def test_every_dtype_round_trips_between_python_and_node(
-    ct: str, run_node: Any, db: redis.Redis, node: str,
+    ct: str, run_node: RunNode, db: redis.Redis, node: str,
 ) -> None:
     arrays = {dtype: _sample(dtype) for dtype in DTYPES}
 
