@@ -12,20 +12,21 @@ import redis.asyncio
 
 from producer import keys
 from producer._common import (
-    ENQUEUE_LUA,
+    ENQUEUE_MANY_LUA,
     REPLY_BLOCK_MS,
     REPLY_COUNT,
     SAFETY_CHECK_AFTER_S,
     Handle,
     TensorType,
     check_enqueued,
+    chunks,
     new_client_id,
-    prepare,
+    prepare_many,
     redis_errors,
     unwrap,
     value_of,
 )
-from producer.errors import NosqConnectionError, NosqError, NosqTimeout
+from producer.errors import NosqError, NosqTimeout, QueueFull
 from producer.settings import RedisSettings
 from producer.wire import Envelope
 
@@ -66,10 +67,11 @@ class AsyncProducer:
     async def start(self) -> None:
         if self._redis is not None:
             raise NosqError("AsyncProducer.start() called twice")
-        self._redis = self._settings.async_client()
-        self._enqueue = self._redis.register_script(ENQUEUE_LUA)
+        client = self._settings.async_client()
         with redis_errors(f"connecting to {self._settings.describe()}"):
-            await self._redis.ping()
+            await client.ping()
+        self._redis = client
+        self._enqueue = client.register_script(ENQUEUE_MANY_LUA)
         self._reader = asyncio.create_task(self._read_replies(), name=f"nosq-replies-{self._client_id}")
         self._reader.add_done_callback(_surface)
 
@@ -78,9 +80,7 @@ class AsyncProducer:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
-        for future, _ in self._waiters.values():
-            future.cancel()
-        self._waiters.clear()
+        self._fail_all(NosqError("the producer was closed before the result arrived"))
         if self._redis is not None:
             try:
                 await self._redis.delete(self._reply)
@@ -97,47 +97,47 @@ class AsyncProducer:
         priority: int = 1,
     ) -> Handle:
         """Enqueue one request; return its handle at once."""
-        handle, script_keys, argv = prepare(
-            model, inputs, ct=self._ct, reply=self._client_id, method=method, timeout_s=timeout_s,
-            deadline_ms=deadline_ms, ttl_s=ttl_s, request_id=request_id, priority=priority,
+        handles = await self.submit_many(
+            model, [inputs], method=method, timeout_s=timeout_s, deadline_ms=deadline_ms, ttl_s=ttl_s,
+            request_ids=[request_id] if request_id else None, priority=priority,
         )
-        self._watch(handle)
-        try:
-            with redis_errors(f"submitting to model {model!r}"):
-                reply = await self._enqueue(keys=script_keys, args=argv)
-            check_enqueued(handle, reply)
-        except BaseException:
-            self._forget(handle)
-            raise
-        return handle
+        return handles[0]
 
     async def submit_many(
         self, model: str, inputs: Iterable[Any], *, method: str | None = None,
         timeout_s: float | None = None, deadline_ms: int | None = None, ttl_s: int | None = None,
         request_ids: Sequence[str] | None = None, priority: int = 1,
     ) -> list[Handle]:
-        """Enqueue many requests in one pipeline. A full queue raises QueueFull after the
-        requests before it were accepted (their handles are on the exception as ``accepted``)."""
-        prepared = [
-            prepare(model, item, ct=self._ct, reply=self._client_id, method=method,
-                    timeout_s=timeout_s, deadline_ms=deadline_ms, ttl_s=ttl_s,
-                    request_id=request_ids[i] if request_ids else None, priority=priority)
-            for i, item in enumerate(inputs)
-        ]
-        redis_client = self._client()
-        for handle, _, _ in prepared:
+        """Enqueue many requests that share their options, pipelined; QueueFull carries the
+        handles that were ``accepted`` before the model's backlog limit was reached."""
+        handles, script_keys, argv = prepare_many(
+            model, inputs, ct=self._ct, reply=self._client_id, method=method, timeout_s=timeout_s,
+            deadline_ms=deadline_ms, ttl_s=ttl_s, request_ids=request_ids, priority=priority,
+        )
+        parts = chunks(handles, argv)
+        client = self._client()
+        for handle in handles:
             self._watch(handle)
         try:
             with redis_errors(f"submitting to model {model!r}"):
-                async with redis_client.pipeline(transaction=False) as pipe:
-                    for _, script_keys, argv in prepared:
-                        await self._enqueue(keys=script_keys, args=argv, client=pipe)
-                    replies = await pipe.execute()
+                if len(parts) == 1:
+                    replies = [await self._enqueue(keys=script_keys, args=parts[0][1])]
+                else:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for _, part_argv in parts:
+                            await self._enqueue(keys=script_keys, args=part_argv, client=pipe)
+                        replies = await pipe.execute()
+            return check_enqueued(model, parts, replies)
+        except QueueFull as exc:
+            refused = {h.id for h in handles} - {h.id for h in exc.accepted}
+            for handle in handles:
+                if handle.id in refused:
+                    self._forget(handle)
+            raise
         except BaseException:
-            for handle, _, _ in prepared:
+            for handle in handles:
                 self._forget(handle)
             raise
-        return _accepted([h for h, _, _ in prepared], replies, self._forget)
 
     async def cancel(self, handle: Handle) -> None:
         """Ask the manager not to run the request; it answers ``cancelled`` if it had not run."""
@@ -158,8 +158,7 @@ class AsyncProducer:
         except TimeoutError:
             raise NosqTimeout(handle.id, timeout) from None
         finally:
-            if future.done():
-                self._forget(handle)
+            self._forget(handle)  # asked again later, it re-reads the result key
         return unwrap(handle, data, self._tensors)
 
     async def result(self, handle: Handle, timeout_s: float | None = None) -> Any:
@@ -225,31 +224,32 @@ class AsyncProducer:
     async def _read_replies(self) -> None:
         client = self._client()
         last_id = b"0-0"
+        last_check = time.monotonic()
         while True:
             try:
                 with redis_errors("reading replies"):
                     response = await client.xread(
                         {self._reply: last_id}, count=REPLY_COUNT, block=REPLY_BLOCK_MS
                     )
-            except NosqConnectionError as exc:
+                    for entry_id, fields in response[0][1] if response else ():
+                        last_id = entry_id
+                        rid, data = fields.get(b"id"), fields.get(b"r")
+                        if rid is not None and data is not None:
+                            self._resolve(rid.decode(), data)
+                    if response:
+                        await client.xtrim(self._reply, minid=last_id)
+                    if time.monotonic() - last_check >= SAFETY_CHECK_AFTER_S:
+                        last_check = time.monotonic()
+                        await self._safety_check()
+            except NosqError as exc:
                 self._fail_all(exc)  # callers may ask again: result() re-reads the result key
                 await asyncio.sleep(RECONNECT_DELAY_S)
-                continue
-            if not response:
-                await self._safety_check()
-                continue
-            for entry_id, fields in response[0][1]:
-                last_id = entry_id
-                rid, data = fields.get(b"id"), fields.get(b"r")
-                if rid is not None and data is not None:
-                    self._resolve(rid.decode(), data)
-            with redis_errors("trimming replies"):
-                await client.xtrim(self._reply, minid=last_id)
 
     def _fail_all(self, exc: NosqError) -> None:
         for future, _ in self._waiters.values():
             if not future.done():
                 future.set_exception(exc)
+                future.exception()  # nobody may be waiting: do not log it as unretrieved
         self._waiters.clear()
 
     async def _safety_check(self) -> None:
@@ -263,18 +263,6 @@ class AsyncProducer:
         for rid, data in zip(stale, values, strict=True):
             if data is not None:
                 self._resolve(rid, data)
-
-
-def _accepted(handles: list[Handle], replies: list[Any], forget: Any) -> list[Handle]:
-    for index, (handle, reply) in enumerate(zip(handles, replies, strict=True)):
-        try:
-            check_enqueued(handle, reply)
-        except NosqError as exc:
-            for refused in handles[index:]:
-                forget(refused)
-            exc.accepted = handles[:index]  # type: ignore[attr-defined]
-            raise
-    return handles
 
 
 def _surface(task: asyncio.Task[None]) -> None:

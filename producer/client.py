@@ -12,15 +12,16 @@ import redis
 
 from producer import keys
 from producer._common import (
-    ENQUEUE_LUA,
+    ENQUEUE_MANY_LUA,
     REPLY_BLOCK_MS,
     REPLY_COUNT,
     SAFETY_CHECK_AFTER_S,
     Handle,
     TensorType,
     check_enqueued,
+    chunks,
     new_client_id,
-    prepare,
+    prepare_many,
     redis_errors,
     unwrap,
     value_of,
@@ -51,6 +52,7 @@ class Producer:
         self._redis: redis.Redis | None = None
         self._enqueue: Any = None
         self._arrived: dict[str, bytes] = {}  # results read but not yet claimed
+        self._mine: set[str] = set()  # ids submitted here whose results were not yet claimed
         self._last_id = b"0-0"
         self._lock = threading.Lock()
 
@@ -64,10 +66,11 @@ class Producer:
     def start(self) -> None:
         if self._redis is not None:
             raise NosqError("Producer.start() called twice")
-        self._redis = self._settings.client()
-        self._enqueue = self._redis.register_script(ENQUEUE_LUA)
+        client = self._settings.client()
         with redis_errors(f"connecting to {self._settings.describe()}"):
-            self._redis.ping()
+            client.ping()
+        self._redis = client
+        self._enqueue = client.register_script(ENQUEUE_MANY_LUA)
 
     def close(self) -> None:
         if self._redis is None:
@@ -93,26 +96,21 @@ class Producer:
         timeout_s: float | None = None, deadline_ms: int | None = None, ttl_s: int | None = None,
         request_ids: Sequence[str] | None = None, priority: int = 1,
     ) -> list[Handle]:
-        """Enqueue many requests in one pipeline (QueueFull carries ``accepted`` handles)."""
-        prepared = [
-            prepare(model, item, ct=self._ct, reply=self._client_id, method=method,
-                    timeout_s=timeout_s, deadline_ms=deadline_ms, ttl_s=ttl_s,
-                    request_id=request_ids[i] if request_ids else None, priority=priority)
-            for i, item in enumerate(inputs)
-        ]
+        """Enqueue many requests that share their options, pipelined; QueueFull carries the
+        handles that were ``accepted`` before the model's backlog limit was reached."""
+        handles, script_keys, argv = prepare_many(
+            model, inputs, ct=self._ct, reply=self._client_id, method=method, timeout_s=timeout_s,
+            deadline_ms=deadline_ms, ttl_s=ttl_s, request_ids=request_ids, priority=priority,
+        )
+        parts = chunks(handles, argv)
         with redis_errors(f"submitting to model {model!r}"):
             pipe = self._client().pipeline(transaction=False)
-            for _, script_keys, argv in prepared:
-                self._enqueue(keys=script_keys, args=argv, client=pipe)
+            for _, part_argv in parts:
+                self._enqueue(keys=script_keys, args=part_argv, client=pipe)
             replies = pipe.execute()
-        handles = [h for h, _, _ in prepared]
-        for index, (handle, reply) in enumerate(zip(handles, replies, strict=True)):
-            try:
-                check_enqueued(handle, reply)
-            except NosqError as exc:
-                exc.accepted = handles[:index]  # type: ignore[attr-defined]
-                raise
-        return handles
+        with self._lock:
+            self._mine.update(h.id for h in handles)
+        return check_enqueued(model, parts, replies)
 
     def cancel(self, handle: Handle) -> None:
         """Ask the manager not to run the request; it answers ``cancelled`` if it had not run."""
@@ -150,9 +148,13 @@ class Producer:
         waiting = {h.id: h for h in handles}
         deadline = time.monotonic() + timeout_s
         last_check = time.monotonic()
+        foreign = [rid for rid in waiting if rid not in self._mine and rid not in self._arrived]
+        if foreign:  # submitted elsewhere: its completion never comes to this reply stream
+            self._check_result_keys(foreign)
         while waiting:
             for rid in [rid for rid in waiting if rid in self._arrived]:
                 handle = waiting.pop(rid)
+                self._mine.discard(rid)
                 yield handle, unwrap(handle, self._arrived.pop(rid), self._tensors)
             if not waiting:
                 return
@@ -163,7 +165,7 @@ class Producer:
                 self._check_result_keys(list(waiting))
                 last_check = time.monotonic()
                 continue
-            self._read_replies(min(REPLY_BLOCK_MS, max(1, int(remaining * 1000))))
+            self._read_replies(set(waiting), min(REPLY_BLOCK_MS, max(1, int(remaining * 1000))))
 
     def _check_result_keys(self, request_ids: list[str]) -> None:
         """Results whose completions were trimmed, or that came before this producer asked."""
@@ -174,8 +176,10 @@ class Producer:
             if data is not None:
                 self._arrived[rid] = data
 
-    def _read_replies(self, block_ms: int) -> None:
+    def _read_replies(self, wanted: set[str], block_ms: int) -> None:
         with self._lock, redis_errors("reading replies"):
+            if not wanted.isdisjoint(self._arrived):
+                return  # another thread read it while this one waited for the lock
             client = self._client()
             response: Any = client.xread({self._reply: self._last_id}, count=REPLY_COUNT, block=block_ms)
             if not response:

@@ -79,9 +79,13 @@ def decode_value(ct: str, data: bytes) -> Any:
     """Decode one value; malformed bytes raise :class:`ProtocolError`, never anything else."""
     try:
         if ct == "msgpack":
-            return msgpack.unpackb(
-                data, raw=False, object_hook=_msgpack_hook, ext_hook=_reject_ext, strict_map_key=True
+            value = msgpack.unpackb(
+                data, raw=False, object_hook=_msgpack_hook, list_hook=_msgpack_list_hook,
+                ext_hook=_reject_ext, strict_map_key=True,
             )
+            if isinstance(value, msgpack.Timestamp):
+                raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
+            return value
         if ct == "json":
             return json.loads(data, object_hook=_json_hook)
     except ProtocolError:
@@ -97,12 +101,17 @@ def tensor_parts(value: Any) -> tuple[str, tuple[int, ...], bytes] | None:
         return value.dtype, value.shape, value.data
     if np is not None and isinstance(value, np.ndarray):
         return _numpy_parts(value)
-    if type(value).__module__ == "torch" and type(value).__name__ == "Tensor":
+    if _is_torch_tensor(value):
         tensor = value.detach().cpu()
         if str(tensor.dtype) == "torch.bfloat16":
             raise ProtocolError("bfloat16 has no wire dtype: convert to float32 or float16 first")
         return _numpy_parts(tensor.numpy())
     return None
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    """Without importing torch: a torch.Tensor or a subclass (nn.Parameter, ...)."""
+    return any(c.__name__ == "Tensor" and c.__module__ == "torch" for c in type(value).__mro__)
 
 
 def _numpy_parts(array: Any) -> tuple[str, tuple[int, ...], bytes]:
@@ -137,7 +146,15 @@ def _scalar(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not a msgpack/JSON value, array or tensor")
 
 
+def _msgpack_list_hook(items: list[Any]) -> Any:
+    if any(isinstance(item, msgpack.Timestamp) for item in items):
+        raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
+    return items
+
+
 def _msgpack_hook(obj: dict[str, Any]) -> Any:
+    if any(isinstance(v, msgpack.Timestamp) for v in obj.values()):
+        raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
     if len(obj) == 3 and obj.keys() == _MSGPACK_KEYS:
         data = obj["data"]
         if not isinstance(data, bytes):

@@ -14,6 +14,8 @@ Every message names the bad value and what to do about it.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "NosqConnectionError",
     "NosqError",
@@ -51,12 +53,15 @@ class NosqTimeout(NosqError):
 class QueueFull(NosqError):
     """The model's stream is at its configured backlog limit."""
 
-    def __init__(self, model: str, backlog: int, retry_after_s: float | None) -> None:
+    def __init__(self, model: str, backlog: int, retry_after_s: float | None,
+                 accepted: list[Any] | None = None) -> None:
         hint = f"; retry after {retry_after_s:.2f} s" if retry_after_s is not None else ""
         super().__init__(f"queue for model {model!r} is full ({backlog} waiting){hint}")
         self.model = model
         self.backlog = backlog
         self.retry_after_s = retry_after_s
+        #: handles of the requests of the same ``submit_many`` that were accepted before it filled
+        self.accepted: list[Any] = accepted or []
 
 
 class RemoteError(NosqError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 import redis
 import redis.asyncio
@@ -61,14 +61,26 @@ class RedisSettings(BaseModel):
                           ssl_keyfile=self.ssl_key_file, ssl_check_hostname=self.ssl_check_hostname)
         return kwargs
 
+    def _url_without_overrides(self) -> str:
+        """The URL less what the settings override (redis-py lets the URL win otherwise)."""
+        parsed = urlparse(self.url)
+        if parsed.scheme == "unix":
+            return self.url
+        netloc = parsed.netloc.rpartition("@")[2]
+        user, _, password = parsed.netloc.rpartition("@")[0].partition(":")
+        if self.username is None and self.password is None and user + password:
+            netloc = parsed.netloc  # credentials only in the URL: keep them
+        path = "" if self.db is not None else parsed.path
+        return urlunparse((parsed.scheme, netloc, path, "", parsed.query, ""))
+
     def client(self) -> redis.Redis:
         """A synchronous client (bytes in, bytes out)."""
-        client: redis.Redis = redis.Redis.from_url(self.url, **self._kwargs())
+        client: redis.Redis = redis.Redis.from_url(self._url_without_overrides(), **self._kwargs())
         return client
 
     def async_client(self) -> redis.asyncio.Redis:
         """An asyncio client (bytes in, bytes out)."""
-        client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(self.url, **self._kwargs())
+        client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(self._url_without_overrides(), **self._kwargs())
         return client
 
     def describe(self) -> str:

@@ -124,10 +124,12 @@ def request_fields(
         raise ProtocolError(f"request id {request_id!r} must match {REQUEST_ID_RE.pattern}")
     if ct not in CONTENT_TYPES:
         raise ProtocolError(f"content type {ct!r} must be one of {', '.join(CONTENT_TYPES)}")
-    if not 1 <= ttl_s <= MAX_TTL_S:
-        raise ProtocolError(f"result ttl {ttl_s} s must be between 1 and {MAX_TTL_S}")
-    if priority not in PRIORITIES:
-        raise ProtocolError(f"priority {priority} must be 0 (high), 1 (normal) or 2 (low)")
+    if type(ttl_s) is not int or not 1 <= ttl_s <= MAX_TTL_S:
+        raise ProtocolError(f"result ttl {ttl_s!r} s must be an integer between 1 and {MAX_TTL_S}")
+    if type(priority) is not int or priority not in PRIORITIES:
+        raise ProtocolError(f"priority {priority!r} must be 0 (high), 1 (normal) or 2 (low)")
+    if deadline_ms is not None and (type(deadline_ms) is not int or deadline_ms < 0):
+        raise ProtocolError(f"deadline {deadline_ms!r} must be unix milliseconds (an int >= 0)")
     fields: dict[str, str | bytes | int] = {"v": PROTOCOL_VERSION, "id": request_id, "ct": ct, "p": payload}
     if method is not None:
         fields["method"] = method
@@ -206,19 +208,24 @@ def decode_envelope(ct: str, data: bytes) -> Envelope:
     obj = decode_value(ct, data)
     if not isinstance(obj, dict) or "id" not in obj or "ok" not in obj:
         raise ProtocolError(f"result is not a v1 envelope: {data[:80]!r}")
-    err = obj.get("err") or {}
+    err, timings, batch = obj.get("err") or {}, obj.get("timings") or {}, obj.get("batch") or {}
+    deliveries = obj.get("deliveries", 0)
+    if not (isinstance(err, dict) and isinstance(timings, dict) and isinstance(batch, dict)
+            and type(deliveries) is int):
+        raise ProtocolError(f"result envelope has malformed err/timings/batch/deliveries: {data[:80]!r}")
     return Envelope(
         id=str(obj["id"]), ok=bool(obj["ok"]), out=obj.get("out"), code=str(err.get("code", "")),
         message=str(err.get("message", "")), model=str(obj.get("model", "")),
-        timings=dict(obj.get("timings") or {}), batch=dict(obj.get("batch") or {}),
-        deliveries=int(obj.get("deliveries", 0)),
+        timings=timings, batch=batch, deliveries=deliveries,
     )
 
 
 def _msgpack_map_header(size: int) -> bytes:
     if size < 16:
         return bytes((0x80 | size,))
-    return b"\xde" + size.to_bytes(2, "big")
+    if size < 1 << 16:
+        return b"\xde" + size.to_bytes(2, "big")
+    return b"\xdf" + size.to_bytes(4, "big")
 
 
 def _optional_str(fields: dict[bytes, bytes], key: bytes) -> str | None:
