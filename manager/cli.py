@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--envelope", action="store_true", help="print the whole result envelope")
     submit.set_defaults(handler=_submit)
 
-    demo = sub.add_parser("demo", parents=[common], help="start a manager with the demo models, send a burst, print a summary")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="start a manager with the demo models, send a burst, print a summary")
     demo.add_argument("--requests", type=int, default=2000, help="requests per model")
     demo.add_argument("--concurrency", type=int, default=256, help="requests in flight per model")
     demo.set_defaults(handler=_demo)

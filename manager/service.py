@@ -183,9 +183,15 @@ class Manager:
         await self._client().set(key, self._heartbeat_value(), ex=self.settings.heartbeat_ttl_s)
 
     async def _heartbeat(self) -> None:
+        """Say this manager is alive, and which models it serves (until when)."""
         key = keys.manager_heartbeat(self.settings.consumer)
+        ttl = self.settings.heartbeat_ttl_s
         while not self._stop.is_set():
-            await self._client().set(key, self._heartbeat_value(), ex=self.settings.heartbeat_ttl_s)
+            pipe = self._client().pipeline(transaction=False)
+            pipe.set(key, self._heartbeat_value(), ex=ttl)
+            expires = now_ms() + ttl * 1000
+            pipe.hset(keys.registry("served"), mapping=dict.fromkeys(self.pipelines, expires))
+            await pipe.execute()
             try:
                 async with asyncio.timeout(self.settings.heartbeat_ttl_s / 3):
                     await self._stop.wait()

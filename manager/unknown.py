@@ -12,7 +12,7 @@ import redis.asyncio
 from manager.results import ResultWriter, error
 from manager.settings import ManagerSettings
 from producer import keys
-from producer.wire import BadEntry, ErrorCode, Request, parse_request
+from producer.wire import BadEntry, ErrorCode, Request, now_ms, parse_request
 
 __all__ = ["UnknownModels"]
 
@@ -41,10 +41,16 @@ class UnknownModels:
 
     async def sweep(self) -> int:
         answered = 0
+        served_elsewhere: dict[bytes, bytes] | None = None
         async for key in self._redis.scan_iter(match=keys.stream_pattern(), count=1000, _type="STREAM"):
             match = _MODEL_OF.match(key)
             model = match.group(1).decode("utf-8", "replace") if match else ""
-            if model and model not in self._served:
+            if not model or model in self._served:
+                continue
+            if served_elsewhere is None:  # models other live managers serve (their heartbeats)
+                served_elsewhere = await self._redis.hgetall(keys.registry("served"))
+            expires = served_elsewhere.get(model.encode())
+            if expires is None or int(expires) < now_ms():
                 answered += await self._answer(key.decode(), model)
         self.answered += answered
         return answered
