@@ -48,7 +48,7 @@ class UnknownModels:
             if not model or model in self._served:
                 continue
             if served_elsewhere is None:  # models other live managers serve (their heartbeats)
-                served_elsewhere = await self._redis.hgetall(keys.registry("served"))
+                served_elsewhere = await self._redis.hgetall(keys.registry("served"))  # type: ignore[misc]
             expires = served_elsewhere.get(model.encode())
             if expires is None or int(expires) < now_ms():
                 answered += await self._answer(key.decode(), model)
