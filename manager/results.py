@@ -82,10 +82,11 @@ class ResultWriter:
         for item in finished:
             req = item.request
             pipe.set(keys.result(req.id), item.envelope, nx=True, ex=req.ttl_s)
-            done = keys.done(req.id)
-            pipe.rpush(done, b"1")
-            pipe.expire(done, req.ttl_s)
-            if req.reply is not None:
+            if req.reply is None:  # a waiter on BLPOP
+                done = keys.done(req.id)
+                pipe.rpush(done, b"1")
+                pipe.expire(done, req.ttl_s)
+            else:  # a multiplexing client: its reply stream replaces the token
                 stream = keys.reply(req.reply)
                 pipe.xadd(stream, {"id": req.id, "r": item.envelope},
                           maxlen=self._reply_maxlen, approximate=True)

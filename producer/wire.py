@@ -191,16 +191,16 @@ def parse_request(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Request:
 def encode_envelope(ct: str, header: dict[str, Any], out: bytes | None = None) -> bytes:
     """Encode a result envelope; ``out`` is the output value already encoded in ``ct``."""
     if ct == "msgpack":
-        size = len(header) + (out is not None)
-        parts = [_msgpack_map_header(size)]
-        parts.extend(msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in header.items())
-        if out is not None:
-            parts.append(b"\xa3out" + out)
-        return b"".join(parts)
+        packed: bytes = msgpack.packb(header, use_bin_type=True)
+        if out is None:
+            return packed
+        size = len(header)  # re-head the map with one more entry, then append "out"
+        skip = 1 if size < 16 else 3 if size < 1 << 16 else 5
+        return _msgpack_map_header(size + 1) + packed[skip:] + b"\xa3out" + out
     body = json.dumps(header, separators=(",", ":")).encode()
     if out is None:
         return body
-    return body[:-1] + b',"out":' + out + b"}"
+    return body[:-1] + (b',"out":' if header else b'"out":') + out + b"}"
 
 
 def decode_envelope(ct: str, data: bytes) -> Envelope:
