@@ -75,6 +75,7 @@ class Janitor:
                 break
         if taken:
             self.reclaimed += taken
+            pipeline.metrics.reclaimed.labels(pipeline.spec.id).inc(taken)
             log.warning("model %s: reclaimed %d idle entries", pipeline.spec.id, taken)
         return taken
 
@@ -114,6 +115,7 @@ class Janitor:
         reasons = [(eid, fields, f"delivered {count} times") for eid, fields, count in poison]
         await pipeline.dead_letter(reasons, ErrorCode.DEAD_LETTER)
         self.dead_lettered += len(poison)
+        pipeline.metrics.dead_letters.labels(pipeline.spec.id).inc(len(poison))
 
     async def refresh(self, pipeline: ModelPipeline) -> None:
         """Reset the idle time of entries in long-running batches (XCLAIM JUSTID)."""

@@ -18,6 +18,7 @@ from ray.exceptions import RayError
 
 from manager.batcher import Batcher, LatencyModel, Reason
 from manager.dispatcher import Replica, ReplicaPool
+from manager.metrics import Metrics
 from manager.results import BatchInfo, Finished, ResultWriter, error, success
 from manager.settings import ManagerSettings
 from producer import keys
@@ -35,7 +36,7 @@ class ModelPipeline:
 
     def __init__(self, spec: ModelSpec, *, client: redis.asyncio.Redis, pool: ReplicaPool,
                  settings: ManagerSettings, spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
-                 latency: LatencyModel | None = None) -> None:
+                 latency: LatencyModel | None = None, metrics: Metrics | None = None) -> None:
         self.spec = spec
         self.stream = keys.requests(spec.id)
         self._redis = client
@@ -44,6 +45,7 @@ class ModelPipeline:
         self._spawn = spawn
         self.batcher = Batcher(cap=spec.max_batch, max_wait_ms=spec.max_wait_ms, latency=latency or LatencyModel())
         self.writer = ResultWriter(client, model=spec.id, reply_maxlen=settings.reply_maxlen)
+        self.metrics = metrics or Metrics()
         self._wake = asyncio.Event()  # work arrived or a batch finished
         self._room = asyncio.Event()  # the batcher made room for prefetch
         self._inflight_items = 0
@@ -150,6 +152,7 @@ class ModelPipeline:
             await self.dead_letter(dead, ErrorCode.BAD_REQUEST)
         if finished:
             await self.writer.write(finished)
+            self.metrics.answered(model, 0, (f.code for f in finished))
         self._wake.set()
 
     async def dead_letter(self, entries: list[tuple[bytes, dict[bytes, bytes], str]], code: ErrorCode) -> None:
@@ -198,6 +201,8 @@ class ModelPipeline:
             finished = await self._run(batch_id, requests, reason, replica)
             await asyncio.shield(self.writer.write(finished))
             self.served += len(finished)
+            errors = [f.code for f in finished if f.code]
+            self.metrics.answered(self.spec.id, len(finished) - len(errors), errors)
         finally:
             replica.inflight -= 1
             self._inflight_items -= len(requests)
@@ -225,6 +230,8 @@ class ModelPipeline:
         info = BatchInfo(id=batch_id, size=len(runnable), reason=str(reason), dispatched_ms=info_ms,
                          exec_ms=result.exec_ms)
         self.batcher.latency.observe(len(runnable), result.exec_ms)
+        self.metrics.batch(model, size=len(runnable), reason=str(reason), exec_ms=result.exec_ms,
+                           waits_ms=(info_ms - (r.enqueued_ms or r.read_ms) for r in runnable))
         for request, item in zip(runnable, result.items, strict=True):
             if item.ok:
                 finished.append(success(model, request, item.out, info))

@@ -34,6 +34,7 @@ class Finished:
 
     request: Request
     envelope: bytes
+    code: str = ""  # the error code; "" when the request succeeded
 
 
 def success(model: str, request: Request, out: bytes, batch: BatchInfo) -> Finished:
@@ -47,7 +48,7 @@ def error(model: str, request: Request, code: ErrorCode | str, message: str,
     header = _header(model, request, batch)
     header["ok"] = False
     header["err"] = {"code": str(code), "message": message}
-    return Finished(request, encode_envelope(request.ct, header))
+    return Finished(request, encode_envelope(request.ct, header), str(code))
 
 
 def _header(model: str, request: Request, batch: BatchInfo | None) -> dict[str, Any]:
