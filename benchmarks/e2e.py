@@ -51,7 +51,7 @@ threads = {mlp_threads}
 """
 
 
-async def _closed_loop(url: str, model: str, shape: tuple[int, ...], seconds: float, window: int,
+async def _closed_loop(url: str, model: str, shape: tuple[int, ...], seconds: float, window: int,  # noqa: PLR0917
                        chunk: int) -> tuple[int, float]:
     """Keep ``window`` requests in flight, submitted ``chunk`` at a time; return (done, elapsed)."""
     x = np.ones(shape, dtype=np.float32)
