@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import redis
+from redis.exceptions import NoPermissionError
 
 from producer import keys
 from producer.codec import encode_value
@@ -204,5 +205,18 @@ def redis_errors(where: str) -> Iterator[None]:
         raise NosqConnectionError(f"{where}: Redis refused the credentials: {exc}") from exc
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise NosqConnectionError(f"{where}: cannot reach Redis: {exc}") from exc
+    except NoPermissionError as exc:
+        raise NosqError(f"{where}: the Redis ACL user may not do this: {_reason(exc)} "
+                        "(see docs/operations.md, Security)") from exc
     except redis.RedisError as exc:
-        raise NosqError(f"{where}: Redis answered an error: {exc}") from exc
+        raise NosqError(f"{where}: Redis answered an error: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """redis-py's message without a pipeline's echo of the failed command (its arguments hold
+    payloads, request ids and the reply-stream id), cut to a readable length."""
+    text = str(exc)
+    head, sep, tail = text.rpartition(" of pipeline caused error: ")
+    if sep and head.startswith("Command # "):
+        text = tail
+    return text if len(text) <= 300 else text[:300] + "..."
