@@ -4,6 +4,11 @@ Work-conserving: with an idle replica, whatever is buffered leaves at once. Whil
 replica is busy the batch grows up to the cap, but never past ``max_wait_ms`` after its first
 request arrived, nor past the moment when the predicted run time would make the tightest
 deadline in it slip.
+
+Which latency is predicted where: the curve is the profile's p50 per batch size (refined online
+by observed batches). Holding a batch for a deadline uses the tail, p50 x the profiled p95/p50
+ratio at that size: a deadline should hold in 95% of runs, not in half. Rejecting a request as
+hopeless on arrival uses p50: only what would miss even in a typical run is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 from enum import StrEnum
 
 from producer.wire import Request
@@ -31,11 +37,18 @@ class Reason(StrEnum):
 
 
 class LatencyModel:
-    """latency(b) in ms: measured points (from the profile), refined by observed batches."""
+    """latency(b) in ms: measured points (from the profile), refined by observed batches.
 
-    def __init__(self, curve: dict[int, float] | None = None, *, alpha: float = 0.2) -> None:
+    ``curve`` is {b: p50 ms}; ``tail`` ({b: p95 ms}, same profile) gives ``predict_tail``."""
+
+    def __init__(self, curve: dict[int, float] | None = None, *, alpha: float = 0.2,
+                 tail: dict[int, float] | None = None) -> None:
         self._points: dict[int, float] = dict(curve or {})
         self._alpha = alpha
+        # p95/p50 per profiled size: how much slower than typical a slow run is
+        self._ratios: dict[int, float] = {
+            b: max(1.0, ms / self._points[b]) for b, ms in (tail or {}).items() if self._points.get(b, 0) > 0
+        }
 
     def observe(self, size: int, ms: float) -> None:
         """Fold one observed batch into the curve (EWMA at its power-of-two bucket)."""
@@ -44,18 +57,17 @@ class LatencyModel:
         self._points[bucket] = ms if old is None else (1 - self._alpha) * old + self._alpha * ms
 
     def predict(self, size: int) -> float:
-        """Predicted run time of a batch of ``size``; 0 when nothing is known yet."""
+        """Predicted (typical, p50) run time of a batch of ``size``; 0 when nothing is known yet."""
         if not self._points:
             return 0.0
-        sizes = sorted(self._points)
-        if size <= sizes[0]:
-            return self._points[sizes[0]]
-        for low, high in itertools.pairwise(sizes):
-            if size <= high:
-                frac = (size - low) / (high - low)
-                return self._points[low] + frac * (self._points[high] - self._points[low])
-        top = sizes[-1]
-        return self._points[top] * size / top  # beyond the curve: linear in size
+        return _interpolate(self._points, size, beyond=lambda top, ms: ms * size / top)  # beyond: linear in size
+
+    def predict_tail(self, size: int) -> float:
+        """Predicted slow (p95) run time: ``predict`` x the profiled p95/p50 ratio near ``size``."""
+        typical = self.predict(size)
+        if not self._ratios:
+            return typical
+        return typical * _interpolate(self._ratios, size, beyond=lambda top, ratio: ratio)
 
     def curve(self) -> dict[int, float]:
         return dict(sorted(self._points.items()))
@@ -97,8 +109,8 @@ class Batcher:
             return Reason.WAIT, 0.0
         tightest = min((r.deadline_ms for r in queue if r.deadline_ms is not None), default=None)
         if tightest is not None:
-            # waiting for one more request means running a batch one larger, later
-            slack = tightest - now_ms - self.latency.predict(len(queue) + 1) - DEADLINE_MARGIN_MS
+            # waiting for one more request means running a batch one larger, later (p95: see above)
+            slack = tightest - now_ms - self.latency.predict_tail(len(queue) + 1) - DEADLINE_MARGIN_MS
             if slack <= 0:
                 return Reason.DEADLINE, 0.0
             wait_left = min(wait_left, slack)
@@ -121,11 +133,28 @@ class Batcher:
         self._queue = rest
         return batch
 
+    def pending(self) -> list[Request]:
+        """Everything buffered, oldest first (read-only view for the janitor)."""
+        return list(self._queue)
+
     def drain_all(self) -> list[Request]:
         """Everything still buffered (on shutdown)."""
         items = list(self._queue)
         self._queue.clear()
         return items
+
+
+def _interpolate(points: dict[int, float], size: int, *, beyond: Callable[[int, float], float]) -> float:
+    """Piecewise linear in ``points``; flat below the first; ``beyond(top, value)`` above the last."""
+    sizes = sorted(points)
+    if size <= sizes[0]:
+        return points[sizes[0]]
+    for low, high in itertools.pairwise(sizes):
+        if size <= high:
+            frac = (size - low) / (high - low)
+            return points[low] + frac * (points[high] - points[low])
+    top = sizes[-1]
+    return beyond(top, points[top])
 
 
 def _head(queue: deque[Request], n: int) -> list[Request]:

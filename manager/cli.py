@@ -1,4 +1,4 @@
-"""``nosq``: the command line (serve, submit, demo)."""
+"""``nosq``: the command line (serve, submit, demo, profile)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,43 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=2000, help="requests per model")
     demo.add_argument("--concurrency", type=int, default=256, help="requests in flight per model")
     demo.set_defaults(handler=_demo)
+
+    profile = sub.add_parser(
+        "profile", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="measure a model's latency, throughput and memory against batch size; choose its batch size",
+        description=(
+            "Profile MODEL in a Ray actor on its device, the way a manager serves it: batch sizes in powers of\n"
+            "two up to the spec's max_batch (stopping at out-of-memory, the memory limit, or the first size\n"
+            "whose p50 is over the latency budget), latency p50/p95, items/s and the model's own memory per\n"
+            "size, each size measured in 3 interleaved rounds (the least disturbed kept). b* is the size\n"
+            "with the best throughput whose p95 fits latency_budget_ms and whose memory fits the device.\n"
+            "Prints the curve and b* with its reason and writes a PNG plot."
+        ),
+        epilog=(
+            "examples:\n"
+            "  nosq profile mlp                       table + profile-mlp.png (demo config)\n"
+            "  nosq profile cnn --device cuda --store  on a GPU; save it for managers to reuse\n"
+            "  nosq profile noop --json --no-plot      the profile as JSON on stdout"
+        ),
+    )
+    profile.add_argument("model", help="a model id of the config, e.g. mlp")
+    profile.add_argument("--config", type=Path, default=None,
+                         help="TOML or YAML model list (default: the four built-in demo models)")
+    profile.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None,
+                         help="where to run it (default: the spec's device; the spec's fingerprint is kept)")
+    profile.add_argument("--max-batch", type=int, default=None,
+                         help="largest batch size to try (default and ceiling: the spec's max_batch)")
+    profile.add_argument("--memory-limit-mib", type=float, default=None,
+                         help="most memory one batch may take (default: CUDA free memory less 10%% of the card; "
+                              "CPU a quarter of the available RAM)")
+    profile.add_argument("--plot", type=Path, default=None, help="PNG to write (default: profile-MODEL.png)")
+    profile.add_argument("--no-plot", action="store_true", help="write no PNG")
+    profile.add_argument("--json", action="store_true",
+                         help="print the whole profile as JSON on stdout (no progress bar, no table)")
+    profile.add_argument("--store", action="store_true",
+                         help="also save it in Redis (--redis-url), where managers look for it at start")
+    profile.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    profile.set_defaults(handler=_profile)
     return parser
 
 
@@ -141,6 +178,54 @@ def _demo(args: argparse.Namespace) -> int:
 
     code: int = run_demo(redis_settings(args), requests=args.requests, concurrency=args.concurrency)
     return code
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import redis
+
+    from manager.profile_report import ProgressBar, format_table, write_plot
+    from manager.profiles import store_sync
+    from manager.profiling import profile_in_actor
+    from workers.demo import demo_config_path
+    from workers.profiler import ProfileOptions
+    from workers.spec import load_config
+
+    config = load_config(args.config or demo_config_path())
+    try:
+        spec = config.model(args.model)
+    except KeyError as exc:
+        print(f"nosq: {exc.args[0]}", file=sys.stderr)
+        return 2
+    bar = None if args.json else ProgressBar(f"profiling {spec.id}")
+    limit = None if args.memory_limit_mib is None else int(args.memory_limit_mib * 1024 * 1024)
+    profile = profile_in_actor(
+        spec, device=args.device, max_batch=args.max_batch, ray_address=args.ray_address,
+        options=ProfileOptions(memory_limit_bytes=limit),
+        on_plan=(lambda plan: bar.start(len(plan.sizes) * plan.rounds)) if bar else None,
+        on_result=bar.update if bar else None,
+    )
+    if bar is not None:
+        bar.finish(f"b*={profile.best_batch}")
+    plot = None if args.no_plot else write_plot(profile, args.plot or Path(f"profile-{spec.id}.png"))
+    key = None
+    if args.store:
+        settings = redis_settings(args)
+        client = settings.client()
+        try:
+            key = store_sync(client, profile)
+        except redis.RedisError as exc:
+            raise NosqError(f"cannot store the profile in Redis at {settings.describe()}: {exc}") from exc
+        finally:
+            client.close()
+    if args.json:
+        print(json.dumps(profile.to_dict(), indent=2))
+        return 0
+    print(format_table(profile))
+    if plot is not None:
+        print(f"plot: {plot}")
+    if key is not None:
+        print(f"stored: {key}")
+    return 0
 
 
 def _fields(obj: Any) -> dict[str, Any]:

@@ -48,7 +48,9 @@ def start_manager(settings: RedisSettings, *args: str, consumer: str = "demo") -
     try:
         while time.monotonic() < deadline:
             beat: Any = client.get(keys.manager_heartbeat(consumer))
-            if beat is not None and json.loads(beat).get("state") == "running" and process.poll() is None:
+            state = json.loads(beat) if beat is not None else {}
+            # the pid check: a SIGKILLed predecessor's heartbeat lingers until its TTL
+            if state.get("state") == "running" and state.get("pid") == process.pid and process.poll() is None:
                 return process
             if process.poll() is not None:
                 raise NosqError(f"the manager exited with status {process.returncode} while starting")

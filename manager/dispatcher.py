@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -34,6 +34,7 @@ class Replica:
     actor: Any
     inflight: int = 0
     info: dict[str, Any] | None = None
+    calls: list[object] = field(default_factory=list)  # calls in flight, oldest (= running) first
 
 
 class ReplicaPool:
@@ -100,15 +101,24 @@ class ReplicaPool:
         """Run one batch on ``replica``; survives the worker's death (see module docstring).
 
         The caller holds one of the replica's slots (``inflight``) for the whole call."""
-        for attempt in range(1, self._attempts + 1):
+        attempt = 0
+        while attempt < self._attempts:
+            token = object()
+            replica.calls.append(token)
             try:
                 result: BatchResult = await replica.actor.run.remote(method, cts, payloads)
                 return result
             except RayActorError as exc:
-                log.warning("model %s: replica %d died running a batch of %d (attempt %d/%d): %s",
-                            self.spec.id, replica.index, len(payloads), attempt, self._attempts,
-                            type(exc).__name__)
+                # the actor runs its calls in order: only the oldest was running when it died;
+                # the batches queued behind it are retried without blame
+                blamed = replica.calls[0] is token
+                attempt += blamed
+                log.warning("model %s: replica %d died %s a batch of %d (attempt %d/%d): %s",
+                            self.spec.id, replica.index, "running" if blamed else "with", len(payloads),
+                            attempt, self._attempts, type(exc).__name__)
                 await self._await_restart(replica)
+            finally:
+                replica.calls.remove(token)
         if len(payloads) == 1:
             message = f"the worker process died {self._attempts} times running this input"
             return BatchResult([ItemResult(ok=False, code=ErrorCode.WORKER_DIED, message=message)], 0.0)

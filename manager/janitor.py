@@ -41,9 +41,14 @@ class Janitor:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             for pipeline in list(self._pipelines.values()):
-                if pipeline.reading:
-                    await self.refresh(pipeline)
-                    await self.reclaim(pipeline)
+                if pipeline.reading and pipeline.recovered:  # else it would claim what recovery reads
+                    try:
+                        await self.refresh(pipeline)
+                        await self.reclaim(pipeline)
+                    except redis.ResponseError as exc:
+                        if "NOGROUP" not in str(exc):
+                            raise
+                        await pipeline.ensure_group()  # the stream was deleted: nothing to reclaim
             try:
                 async with asyncio.timeout(self._settings.janitor_interval_s):
                     await stop.wait()
@@ -80,6 +85,10 @@ class Janitor:
         return taken
 
     async def _admit_claimed(self, pipeline: ModelPipeline, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        held = set(pipeline.held_entries())
+        entries = [(eid, fields) for eid, fields in entries if eid.decode() not in held]
+        if not entries:
+            return
         counts = await self._deliveries(pipeline.stream, [eid for eid, _ in entries])
         fresh: dict[int, list[tuple[bytes, dict[bytes, bytes]]]] = {}
         poison: list[tuple[bytes, dict[bytes, bytes], int]] = []
@@ -118,7 +127,7 @@ class Janitor:
         pipeline.metrics.dead_letters.labels(pipeline.spec.id).inc(len(poison))
 
     async def refresh(self, pipeline: ModelPipeline) -> None:
-        """Reset the idle time of entries in long-running batches (XCLAIM JUSTID)."""
-        ids: list[Any] = list(pipeline.long_running_entries(self._settings.min_idle_ms // 2))
+        """Reset the idle time of entries held for a while, buffered or running (XCLAIM JUSTID)."""
+        ids: list[Any] = list(pipeline.held_entries(self._settings.min_idle_ms // 4))
         if ids:
             await self._redis.xclaim(pipeline.stream, keys.GROUP, self._settings.consumer, 0, ids, justid=True)

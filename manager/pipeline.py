@@ -51,6 +51,7 @@ class ModelPipeline:
         self._inflight_items = 0
         self._batches: dict[str, tuple[int, list[Request]]] = {}  # batch id -> (started ms, requests)
         self.reading = True
+        self.recovered = False  # own pending entries re-read after a restart (the janitor waits for it)
         self.draining = False
         self.served = 0
 
@@ -65,10 +66,13 @@ class ModelPipeline:
         slots = max(1, len(self._pool.replicas)) * self._settings.inflight_per_replica
         return self.spec.max_batch * (slots + 1)
 
-    def long_running_entries(self, older_than_ms: int) -> list[str]:
-        """Entry ids of batches running for longer than ``older_than_ms``."""
+    def held_entries(self, older_than_ms: int = 0) -> list[str]:
+        """Entry ids this manager holds (buffered or running) read more than ``older_than_ms`` ago:
+        the janitor keeps them claimed, so nobody (this manager included) reclaims live work."""
         cutoff = now_ms() - older_than_ms
-        return [r.entry_id for started, batch in self._batches.values() if started < cutoff for r in batch]
+        held = [r.entry_id for r in self.batcher.pending() if r.read_ms <= cutoff]
+        held.extend(r.entry_id for _, batch in self._batches.values() for r in batch if r.read_ms <= cutoff)
+        return held
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -95,11 +99,11 @@ class ModelPipeline:
                     keys.GROUP, consumer, {self.stream: ">"}, count=room, block=self._settings.block_ms
                 )
             except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not _stream_gone(exc):
                     raise
-                await self.ensure_group()  # the stream was deleted under us
+                await self.ensure_group()  # the stream was deleted under us: start it again
                 continue
-            if response and self.reading:
+            if response:  # admitted even if reading just stopped: the drain serves them
                 await self.admit(response[0][1], deliveries=1)
 
     async def _recover_own_pending(self) -> None:
@@ -114,6 +118,7 @@ class ModelPipeline:
             last = entries[-1][0]
             recovered += len(entries)
             await self.admit(entries, deliveries=2)
+        self.recovered = True
         if recovered:
             log.info("model %s: recovered %d pending entries of consumer %s", self.spec.id, recovered, consumer)
 
@@ -260,6 +265,12 @@ class ModelPipeline:
             else:
                 runnable.append(request)
         return finished, runnable
+
+
+def _stream_gone(exc: redis.ResponseError) -> bool:
+    """The stream or its group was deleted (a blocked read is woken with UNBLOCKED)."""
+    text = str(exc)
+    return "NOGROUP" in text or "UNBLOCKED" in text
 
 
 def _deadline_message(request: Request, now: int, predicted_ms: float) -> str:

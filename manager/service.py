@@ -2,6 +2,11 @@
 
 Shutdown is a state machine, RUNNING → DRAINING → STOPPED: a signal only asks for it; the
 drain stops reading, finishes what was read (bounded by ``shutdown_timeout_s``), and stops.
+
+At start each model gets its profile (``manager.profiles``): the stored one for its device kind
+and input signature, or one measured on its first replica (one model at a time, before any
+request is served, so the figures are not disturbed) and stored. Its batch cap is then b* and
+its latency(b) the profile's curve.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from manager import raycluster
 from manager.dispatcher import ReplicaPool
 from manager.janitor import Janitor
 from manager.pipeline import ModelPipeline
+from manager.profiles import ProfileRecord, ensure_profile, latency_model
 from manager.settings import ManagerSettings
 from manager.unknown import UnknownModels
 from producer import keys
 from producer.errors import NosqError
 from producer.wire import now_ms
+from workers.profiler import ProfileOptions
 from workers.spec import ServeConfig
 
 __all__ = ["Manager", "State"]
@@ -52,6 +59,7 @@ class Manager:
         self.settings = settings
         self.state = State.CREATED
         self.pipelines: dict[str, ModelPipeline] = {}
+        self.profiles: dict[str, ProfileRecord | None] = {}
         self._pools: dict[str, ReplicaPool] = {}
         self._redis: redis.asyncio.Redis | None = None
         self._stop = asyncio.Event()
@@ -90,9 +98,17 @@ class Manager:
                                dispatch_attempts=settings.dispatch_attempts)
             self._pools[spec.id] = pool
         await asyncio.gather(*(pool.start() for pool in self._pools.values()))
+        for spec in self.config.models:  # one at a time: profiles measured side by side disturb each other
+            self.profiles[spec.id] = await ensure_profile(
+                self._redis, spec, self._pools[spec.id], measure=settings.profile_on_start,
+                options=ProfileOptions(memory_limit_bytes=settings.profile_memory_limit_bytes))
         for spec in self.config.models:
-            pipeline = ModelPipeline(spec, client=self._redis, pool=self._pools[spec.id],
-                                     settings=settings, spawn=self._spawn)
+            record = self.profiles[spec.id]
+            pipeline = ModelPipeline(spec, client=self._redis, pool=self._pools[spec.id], settings=settings,
+                                     spawn=self._spawn,
+                                     latency=latency_model(record.profile) if record is not None else None)
+            if record is not None:
+                pipeline.batcher.cap = max(1, min(record.profile.best_batch, spec.max_batch))
             self.pipelines[spec.id] = pipeline
             await pipeline.ensure_group()
         for model, pipeline in self.pipelines.items():

@@ -31,3 +31,9 @@ class ManagerSettings(BaseModel):
     reply_maxlen: int = Field(default=100_000, ge=1000)
     ray_address: str | None = None
     ray_num_cpus: int | None = Field(default=None, ge=1)
+    profile_on_start: bool = Field(
+        default=True, description="profile a model at start when no valid stored profile exists (else serve "
+        "it with its max_batch and no latency curve until one is stored, e.g. by `nosq profile --store`)")
+    profile_memory_limit_bytes: int | None = Field(
+        default=None, ge=1, description="most memory one batch may take when profiling picks b* (default: CUDA "
+        "free memory less 10% of the card; CPU a quarter of the available RAM)")

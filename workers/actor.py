@@ -1,13 +1,16 @@
 """The process that hosts one model and runs batches on it.
 
 ``ModelWorker`` is a plain class: the manager wraps it with ``ray.remote(ModelWorker)`` and
-calls ``ready``, ``run`` and ``memory`` remotely. Bytes come in and go out in each request's
-own content type, so decoding and encoding happen here, at the edge, and never in the
-manager's scheduling loop. One bad input fails only itself: a failing batch is bisected.
+calls ``ready``, ``run``, ``memory`` and ``profile`` remotely (a profile is measured here, in
+the process and on the device that serve the model: see ``workers.profiler``). Bytes come in
+and go out in each request's own content type, so decoding and encoding happen here, at the
+edge, and never in the manager's scheduling loop. One bad input fails only itself: a failing
+batch is bisected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import resource
@@ -22,6 +25,15 @@ import torch
 from producer.codec import decode_value, encode_value
 from producer.errors import NosqError
 from workers.batching import OutputMismatch, collate, shape_groups, split, to_numpy
+from workers.curve import EXAMPLE_OPTION, ProfileError
+from workers.profiler import (
+    ProfileOptions,
+    Profiler,
+    device_kind,
+    example_from_options,
+    input_signature,
+    weights_bytes,
+)
 from workers.spec import ModelSpec
 
 __all__ = ["BatchResult", "ItemResult", "ModelLoadError", "ModelWorker"]
@@ -52,16 +64,20 @@ class BatchResult:
 
 
 class ModelWorker:
-    """Builds ``spec``'s model on its device and runs batches of encoded inputs through it."""
+    """Builds ``spec``'s model on its device and runs batches of encoded inputs through it.
 
-    def __init__(self, spec: ModelSpec) -> None:
+    ``device`` ("cpu", "cuda" or "auto") overrides the spec's device preference (``nosq profile
+    --device``); the spec, and so its fingerprint, stay as configured."""
+
+    def __init__(self, spec: ModelSpec, *, device: str | None = None) -> None:
         self.spec = spec
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
-        self.device = _resolve_device(spec)
+        self.device = _resolve_device(spec, device or spec.device)
         factory = _import_factory(spec)
+        kwargs = {k: v for k, v in spec.options.items() if k != EXAMPLE_OPTION}
         try:
-            model = factory(**spec.options)
+            model = factory(**kwargs)
         except Exception as exc:
             raise ModelLoadError(
                 f"model {spec.id!r}: factory {spec.factory} failed with options "
@@ -79,16 +95,78 @@ class ModelWorker:
                 "listed in the spec's methods"
             )
         self.model = model.to(self.device).eval()
+        self._example: torch.Tensor | None = None
 
     def ready(self) -> dict[str, Any]:
-        """Where the model lives and how big it is: pid, device, weights_bytes, rss_bytes."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
+        """Where the model lives and how big it is: pid, device, weights_bytes, rss_bytes, and
+        what its profile is keyed by: device_kind and signature (None without an example input)."""
+        try:
+            signature: str | None = input_signature(self.example())
+        except ProfileError:
+            signature = None
         return {
             "pid": os.getpid(),
             "device": str(self.device),
-            "weights_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "device_kind": device_kind(self.device),
+            "signature": signature,
+            "weights_bytes": weights_bytes(self.model),
             "rss_bytes": _rss_bytes(),
         }
+
+    # -- profiling --------------------------------------------------------------------------
+
+    def example(self) -> torch.Tensor:
+        """One input item: the model's ``example_input()``, else the spec's ``options.example``."""
+        if self._example is None:
+            self._example = self._make_example()
+        return self._example
+
+    def profile(self, max_batch: int | None = None, options: ProfileOptions | None = None) -> dict[str, Any]:
+        """Sweep batch sizes up to ``max_batch`` (default and ceiling: the spec's) on this
+        process's device and choose b*: ``workers.curve.Profile.to_dict()``."""
+        return self._profiler(max_batch, options).run().to_dict()
+
+    def profile_plan(self, max_batch: int | None = None, options: ProfileOptions | None = None) -> dict[str, Any]:
+        """The plan of a sweep driven from outside, one ``profile_one`` per size (a progress bar)."""
+        return self._profiler(max_batch, options).plan().to_dict()
+
+    def profile_one(self, batch: int, options: ProfileOptions | None = None) -> dict[str, Any]:
+        """One size's figures (``Point``) or ``OutOfMemory``, as a dict."""
+        return dataclasses.asdict(self._profiler(batch, options).measure(batch))
+
+    def _profiler(self, max_batch: int | None, options: ProfileOptions | None) -> Profiler:
+        spec = self.spec
+        if max_batch is not None and not 1 <= max_batch <= spec.max_batch:
+            raise ProfileError(f"model {spec.id!r}: max_batch {max_batch} is outside 1..{spec.max_batch} "
+                               "(the spec's max_batch): raise the spec's max_batch to profile larger batches")
+        method = spec.methods[0]
+        return Profiler(
+            getattr(self.model, method), model=self.model, model_id=spec.id, fingerprint=spec.fingerprint(),
+            method=method, device=self.device, max_batch=max_batch or spec.max_batch,
+            latency_budget_ms=spec.latency_budget_ms, example=self.example(), options=options,
+        )
+
+    def _make_example(self) -> torch.Tensor:
+        make = getattr(self.model, "example_input", None)
+        if callable(make):
+            try:
+                example = make()
+            except NotImplementedError:
+                example = None
+            except Exception as exc:  # the model's own bug: profiling says so, serving goes on
+                raise ProfileError(f"model {self.spec.id!r}: example_input() failed: {_describe(exc)}") from exc
+            if example is not None:
+                if not isinstance(example, torch.Tensor):
+                    raise ProfileError(f"model {self.spec.id!r}: example_input() returned a "
+                                       f"{type(example).__name__}; return one input item as a torch.Tensor")
+                return example
+        if EXAMPLE_OPTION in self.spec.options:
+            return example_from_options(self.spec.id, self.spec.options[EXAMPLE_OPTION])
+        raise ProfileError(
+            f"model {self.spec.id!r} has no example input to profile with: give {type(self.model).__name__} an "
+            "example_input() method that returns one item (no batch dimension), or set "
+            'options.example = {dtype = "float32", shape = [...]} in its spec'
+        )
 
     def memory(self) -> dict[str, int]:
         """This process's RSS and, on CUDA, torch's allocated and reserved bytes."""
@@ -197,15 +275,17 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _resolve_device(spec: ModelSpec) -> torch.device:
-    if spec.device == "auto":
+def _resolve_device(spec: ModelSpec, preference: str) -> torch.device:
+    if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.device == "cuda" and not torch.cuda.is_available():
+    if preference not in ("cpu", "cuda"):
+        raise ModelLoadError(f"model {spec.id!r}: device must be 'cpu', 'cuda' or 'auto', got {preference!r}")
+    if preference == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(
             f"model {spec.id!r} asks for device 'cuda' but this process sees no CUDA device: "
             "use device 'auto' or 'cpu', or give the actor a GPU (num_gpus)"
         )
-    return torch.device(spec.device)
+    return torch.device(preference)
 
 
 def _import_factory(spec: ModelSpec) -> Callable[..., Any]:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from producer.errors import NosqError
+from workers.curve import EXAMPLE_OPTION
 
 __all__ = ["ConfigError", "ModelSpec", "ServeConfig", "load_config"]
 
@@ -63,6 +64,19 @@ class ModelSpec(BaseModel):
             raise ValueError(f"method names must be public identifiers (no leading '_'), got {bad!r}")
         if len(set(value)) != len(value):
             raise ValueError(f"methods are listed twice: {list(value)!r}")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _check_example(cls, value: dict[str, Any]) -> dict[str, Any]:
+        example = value.get(EXAMPLE_OPTION)
+        if example is None or isinstance(example, list):
+            return value
+        shape = example.get("shape") if isinstance(example, Mapping) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or \
+                not isinstance(example.get("dtype", "float32"), str):
+            raise ValueError(f"options.{EXAMPLE_OPTION} describes one input item for profiling: "
+                             f'{{dtype = "float32", shape = [3, 64, 64]}} or a list of numbers, got {example!r}')
         return value
 
     def fingerprint(self) -> str:
