@@ -81,12 +81,37 @@ class Batcher:
         self.max_wait_ms = max_wait_ms
         self.latency = latency
         self._queue: deque[Request] = deque()
+        self._with_deadline = 0  # buffered requests that carry a deadline
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def add(self, request: Request) -> None:
         self._queue.append(request)
+        if request.deadline_ms is not None:
+            self._with_deadline += 1
+
+    def expire(self, now_ms: int) -> tuple[list[Request], float]:
+        """Remove the requests that became hopeless (see ``hopeless``) while they waited, and
+        return them with the ms until the next one would: the loop wakes then, busy or not."""
+        if not self._with_deadline:
+            return [], math.inf
+        alone = self.latency.predict(1)
+        expired: list[Request] = []
+        kept: deque[Request] = deque()
+        next_ms = math.inf
+        for request in self._queue:
+            deadline = request.deadline_ms
+            if deadline is not None and now_ms + alone > deadline:
+                expired.append(request)
+                continue
+            if deadline is not None:
+                next_ms = min(next_ms, deadline - alone - now_ms)
+            kept.append(request)
+        if expired:
+            self._queue = kept
+            self._with_deadline -= len(expired)
+        return expired, max(0.0, next_ms)
 
     def hopeless(self, request: Request, now_ms: int) -> bool:
         """True when the request's deadline cannot be met even if it ran alone right now."""
@@ -118,6 +143,11 @@ class Batcher:
 
     def take(self) -> list[Request]:
         """Up to ``cap`` requests for the same method as the oldest one, oldest first."""
+        batch = self._take()
+        self._with_deadline -= sum(1 for r in batch if r.deadline_ms is not None)
+        return batch
+
+    def _take(self) -> list[Request]:
         queue = self._queue
         method = queue[0].method
         if all(r.method == method for r in _head(queue, self.cap)):
@@ -141,6 +171,7 @@ class Batcher:
         """Everything still buffered (on shutdown)."""
         items = list(self._queue)
         self._queue.clear()
+        self._with_deadline = 0
         return items
 
 

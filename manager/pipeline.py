@@ -184,11 +184,16 @@ class ModelPipeline:
         while True:
             if not self.reading and not len(self.batcher):
                 return
+            now = now_ms()
+            expired, expiry_ms = self.batcher.expire(now)
+            if expired:  # answered now, even while every replica is busy
+                self._room.set()
+                self._spawn(self._answer_expired(expired, now), f"expired-{self.spec.id}")
             replica = pool.free()
-            reason, wait_ms = None, float("inf")
+            reason, wait_ms = None, expiry_ms
             if replica is not None:
-                reason, wait_ms = self.batcher.decide(now_ms(), idle_replica=pool.idle(),
-                                                      draining=self.draining)
+                reason, decide_ms = self.batcher.decide(now, idle_replica=pool.idle(), draining=self.draining)
+                wait_ms = min(wait_ms, decide_ms)
             if replica is None or reason is None:
                 self._wake.clear()  # no await since the decision: nothing can have been missed
                 await _wait(self._wake, None if wait_ms == float("inf") else wait_ms / 1000)
@@ -200,6 +205,13 @@ class ModelPipeline:
             self._batches[batch_id] = (now_ms(), requests)
             replica.inflight += 1  # the slot is held until _execute ends
             self._spawn(self._execute(batch_id, requests, reason, replica), f"batch-{batch_id}")
+
+    async def _answer_expired(self, requests: list[Request], now: int) -> None:
+        predicted = self.batcher.latency.predict(1)
+        finished = [error(self.spec.id, r, ErrorCode.DEADLINE_EXCEEDED, _deadline_message(r, now, predicted))
+                    for r in requests]
+        await self.writer.write(finished)
+        self.metrics.answered(self.spec.id, 0, (f.code for f in finished))
 
     async def _execute(self, batch_id: str, requests: list[Request], reason: Reason, replica: Replica) -> None:
         try:

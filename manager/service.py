@@ -111,6 +111,7 @@ class Manager:
                 pipeline.batcher.cap = max(1, min(record.profile.best_batch, spec.max_batch))
             self.pipelines[spec.id] = pipeline
             await pipeline.ensure_group()
+        await self._publish_served()  # before reading: other managers must not answer unknown_model
         for model, pipeline in self.pipelines.items():
             self._spawn(pipeline.read_loop(), f"read-{model}")
             self._spawn(pipeline.batch_loop(), f"batch-{model}")
@@ -133,10 +134,12 @@ class Manager:
             pipeline.reading = False
             pipeline.draining = True
             pipeline.wake()
-        pending = [t for t in self._tasks if not t.done()]
-        still: set[asyncio.Task[None]] = set()
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_s)
+        # batches released while draining spawn tasks of their own: wait until none is left
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        still = {t for t in self._tasks if not t.done()}
+        while still and time.monotonic() < deadline:
+            await asyncio.wait(still, timeout=deadline - time.monotonic())
+            still = {t for t in self._tasks if not t.done()}
         if still:
             log.warning("shutdown: %d task(s) did not finish within %.0f s; their entries stay pending "
                         "and will be reclaimed", len(still), self.settings.shutdown_timeout_s)
@@ -198,16 +201,18 @@ class Manager:
                 )
         await self._client().set(key, self._heartbeat_value(), ex=self.settings.heartbeat_ttl_s)
 
+    async def _publish_served(self) -> None:
+        """Record the models this manager serves, each until its heartbeat would lapse."""
+        expires = now_ms() + self.settings.heartbeat_ttl_s * 1000
+        await self._client().hset(keys.registry("served"), mapping=dict.fromkeys(self.pipelines, expires))  # type: ignore[misc]
+
     async def _heartbeat(self) -> None:
         """Say this manager is alive, and which models it serves (until when)."""
         key = keys.manager_heartbeat(self.settings.consumer)
         ttl = self.settings.heartbeat_ttl_s
         while not self._stop.is_set():
-            pipe = self._client().pipeline(transaction=False)
-            pipe.set(key, self._heartbeat_value(), ex=ttl)
-            expires = now_ms() + ttl * 1000
-            pipe.hset(keys.registry("served"), mapping=dict.fromkeys(self.pipelines, expires))
-            await pipe.execute()
+            await self._client().set(key, self._heartbeat_value(), ex=ttl)
+            await self._publish_served()
             try:
                 async with asyncio.timeout(self.settings.heartbeat_ttl_s / 3):
                     await self._stop.wait()
