@@ -24,6 +24,7 @@ from producer.wire import Request
 __all__ = ["Batcher", "LatencyModel", "Reason"]
 
 DEADLINE_MARGIN_MS = 1.0  # slack for the dispatch hop and the result write
+DEFAULT_AGING_MS = 1000.0  # a waiting request gains one priority level per second
 
 
 class Reason(StrEnum):
@@ -76,20 +77,27 @@ class LatencyModel:
 class Batcher:
     """The requests read for one model and not yet dispatched."""
 
-    def __init__(self, *, cap: int, max_wait_ms: float, latency: LatencyModel) -> None:
+    def __init__(self, *, cap: int, max_wait_ms: float, latency: LatencyModel,
+                 aging_ms: float = DEFAULT_AGING_MS) -> None:
         self.cap = cap
         self.max_wait_ms = max_wait_ms
         self.latency = latency
+        self.aging_ms = aging_ms
         self._queue: deque[Request] = deque()
         self._with_deadline = 0  # buffered requests that carry a deadline
+        self._by_priority = [0, 0, 0]  # buffered requests per priority level
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def add(self, request: Request) -> None:
         self._queue.append(request)
+        self._count(request, 1)
+
+    def _count(self, request: Request, delta: int) -> None:
         if request.deadline_ms is not None:
-            self._with_deadline += 1
+            self._with_deadline += delta
+        self._by_priority[request.priority] += delta
 
     def expire(self, now_ms: int) -> tuple[list[Request], float]:
         """Remove the requests that became hopeless (see ``hopeless``) while they waited, and
@@ -110,7 +118,8 @@ class Batcher:
             kept.append(request)
         if expired:
             self._queue = kept
-            self._with_deadline -= len(expired)
+            for request in expired:
+                self._count(request, -1)
         return expired, max(0.0, next_ms)
 
     def hopeless(self, request: Request, now_ms: int) -> bool:
@@ -141,10 +150,24 @@ class Batcher:
             wait_left = min(wait_left, slack)
         return None, wait_left
 
-    def take(self) -> list[Request]:
-        """Up to ``cap`` requests for the same method as the oldest one, oldest first."""
-        batch = self._take()
-        self._with_deadline -= sum(1 for r in batch if r.deadline_ms is not None)
+    def take(self, now_ms: int | None = None) -> list[Request]:
+        """Up to ``cap`` requests for the same method: oldest first when all share a priority;
+        otherwise by rank = priority - waited / aging_ms (high priority first, and a waiting
+        low-priority request climbs one level every ``aging_ms``, so it never starves)."""
+        mixed = sum(1 for n in self._by_priority if n) > 1
+        batch = self._take_ranked(now_ms) if mixed else self._take()
+        for request in batch:
+            self._count(request, -1)
+        return batch
+
+    def _take_ranked(self, now_ms: int | None) -> list[Request]:
+        now = now_ms if now_ms is not None else max(r.read_ms for r in self._queue)
+        aging = max(self.aging_ms, 1e-9)
+        ranked = sorted(self._queue, key=lambda r: (r.priority - (now - r.read_ms) / aging, r.read_ms))
+        method = ranked[0].method
+        batch = [r for r in ranked if r.method == method][: self.cap]
+        chosen = {id(r) for r in batch}
+        self._queue = deque(r for r in self._queue if id(r) not in chosen)
         return batch
 
     def _take(self) -> list[Request]:
@@ -172,6 +195,7 @@ class Batcher:
         items = list(self._queue)
         self._queue.clear()
         self._with_deadline = 0
+        self._by_priority = [0, 0, 0]
         return items
 
 
