@@ -1,4 +1,4 @@
-"""``nosq``: the command line (serve, submit, demo, profile)."""
+"""``nosq``: the command line (serve, submit, demo, profile, models)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     serve.add_argument("--min-idle-ms", type=int, default=None, help="idle time before entries are reclaimed")
     serve.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to drain on SIGTERM")
+    serve.add_argument("--node", default=None, help="this manager's node name in the registry (default: host name)")
+    serve.add_argument("--cpu-budget-mib", type=float, default=None,
+                       help="RAM the models may take; set: models load on demand and are evicted by policy "
+                            "(default: no budget, every model loaded at start)")
+    serve.add_argument("--gpu-reserve-mib", type=float, default=None,
+                       help="GPU memory kept free (a GPU's budget is its total less this; default 1024)")
+    serve.add_argument("--eviction-policy", choices=["fifo", "lru", "lfu", "cost"], default=None,
+                       help="which loaded model leaves first when one must load and does not fit (default fifo)")
     serve.set_defaults(handler=_serve)
+
+    models = sub.add_parser("models", parents=[common],
+                            help="the model registry: state, placement, bytes and use of every model")
+    models.add_argument("--json", action="store_true", help="print the snapshot (models and devices) as JSON")
+    models.set_defaults(handler=_models)
 
     submit = sub.add_parser("submit", parents=[common], help="enqueue one request, wait, print its result")
     submit.add_argument("model", help="a configured model id, e.g. noop")
@@ -141,10 +154,70 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["min_idle_ms"] = args.min_idle_ms
     if args.shutdown_timeout is not None:
         overrides["shutdown_timeout_s"] = args.shutdown_timeout
+    if args.node:
+        overrides["node"] = args.node
+    if args.cpu_budget_mib is not None:
+        overrides["cpu_budget_bytes"] = int(args.cpu_budget_mib * 1024 * 1024)
+    if args.gpu_reserve_mib is not None:
+        overrides["gpu_reserve_bytes"] = int(args.gpu_reserve_mib * 1024 * 1024)
+    if args.eviction_policy:
+        overrides["eviction_policy"] = args.eviction_policy
     manager = Manager(config, ManagerSettings(**overrides))
 
     asyncio.run(manager.run(handle_signals=True))
     return EXIT_ERROR if manager.failed is not None else 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    import redis
+
+    from manager.registry import Registry
+
+    async def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        client = redis_settings(args).async_client()
+        try:
+            registry = Registry(client, owner="nosq-cli")
+            return await registry.snapshot(), await registry.devices()
+        finally:
+            await client.aclose()
+
+    try:
+        rows, devices = asyncio.run(read())
+    except redis.RedisError as exc:
+        raise NosqError(f"cannot read the registry at {redis_settings(args).describe()}: {exc}") from exc
+    if args.json:
+        print(json.dumps({"models": rows, "devices": devices}, indent=2))
+        return 0
+    print(format_models(rows, devices))
+    return 0
+
+
+def format_models(rows: list[dict[str, Any]], devices: list[dict[str, Any]]) -> str:
+    """The registry snapshot as a plain-text table, then one line per device budget."""
+    import time
+
+    def stamp(ms: int) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+    def mib(n: int) -> str:
+        return f"{n / (1024 * 1024):.1f}"
+
+    head = ("MODEL", "STATE", "OWNER", "NODE/DEVICE", "MIB", "LOADED", "LAST USED", "USES", "INFLIGHT",
+            "REPLICAS", "LAST ERROR")
+    table = [head] + [
+        (r["model"], r["state"], r["owner"] or "-", f"{r['node']}/{r['device']}" if r["node"] else "-",
+         mib(r["bytes"]), stamp(r["loaded_at"]), stamp(r["last_used"]), str(r["uses"]), str(r["inflight"]),
+         str(r["replicas"]), (r["last_error"] or "-")[:60])
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    if not rows:
+        lines.append("(no model registered: is a manager running with a memory budget?)")
+    for d in devices:
+        lines.append(f"device {d['node']}/{d['device']}: {mib(d['used_bytes'])} of {mib(d['budget_bytes'])} MiB "
+                     f"used ({', '.join(d['models']) or 'empty'})")
+    return "\n".join(lines)
 
 
 def _submit(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from ray.exceptions import RayError
 from manager.batcher import Batcher, LatencyModel, Reason
 from manager.dispatcher import Replica, ReplicaPool
 from manager.metrics import Metrics
+from manager.registry import Registry
 from manager.results import BatchInfo, Finished, ResultWriter, error, success
 from manager.settings import ManagerSettings
 from producer import keys
@@ -36,7 +37,8 @@ class ModelPipeline:
 
     def __init__(self, spec: ModelSpec, *, client: redis.asyncio.Redis, pool: ReplicaPool,
                  settings: ManagerSettings, spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
-                 latency: LatencyModel | None = None, metrics: Metrics | None = None) -> None:
+                 latency: LatencyModel | None = None, metrics: Metrics | None = None,
+                 registry: Registry | None = None) -> None:
         self.spec = spec
         self.stream = keys.requests(spec.id)
         self._redis = client
@@ -54,6 +56,11 @@ class ModelPipeline:
         self.recovered = False  # own pending entries re-read after a restart (the janitor waits for it)
         self.draining = False
         self.served = 0
+        # with a registry (a memory budget): each batch is counted in flight there, and refused
+        # while the model is draining; its entries then stay pending, re-read on the next load
+        self.registry = registry
+        self.refused = 0
+        self._running: set[asyncio.Task[None]] = set()  # batch tasks of this model
 
     def wake(self) -> None:
         """Make the batch loop look again (new work, a free slot, or shutdown)."""
@@ -198,13 +205,30 @@ class ModelPipeline:
                 self._wake.clear()  # no await since the decision: nothing can have been missed
                 await _wait(self._wake, None if wait_ms == float("inf") else wait_ms / 1000)
                 continue
-            requests = self.batcher.take()
+            requests = self.batcher.take(now)
             self._room.set()
             self._inflight_items += len(requests)
             batch_id = f"{self._settings.consumer}:{next(_batch_ids)}"
             self._batches[batch_id] = (now_ms(), requests)
             replica.inflight += 1  # the slot is held until _execute ends
-            self._spawn(self._execute(batch_id, requests, reason, replica), f"batch-{batch_id}")
+            task = self._spawn(self._execute(batch_id, requests, reason, replica), f"batch-{batch_id}")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def resume(self) -> None:
+        """Serve again after a (re)load: the caller spawns ``read_loop`` and ``batch_loop``."""
+        self.reading = True
+        self.draining = False
+        self.recovered = False  # the read loop re-reads this consumer's pending entries first
+
+    async def halt(self) -> None:
+        """Stop reading and wait until the batches already taken have ended (the caller waits for
+        its ``read_loop``/``batch_loop`` tasks too)."""
+        self.reading = False
+        self.draining = True
+        self.wake()
+        while self._running:
+            await asyncio.gather(*list(self._running), return_exceptions=True)
 
     async def _answer_expired(self, requests: list[Request], now: int) -> None:
         predicted = self.batcher.latency.predict(1)
@@ -214,18 +238,31 @@ class ModelPipeline:
         self.metrics.answered(self.spec.id, 0, (f.code for f in finished))
 
     async def _execute(self, batch_id: str, requests: list[Request], reason: Reason, replica: Replica) -> None:
+        counted = False
         try:
+            if self.registry is not None:
+                counted = await self.registry.inflight(self.spec.id, +1)
+                if not counted:  # draining (being evicted): leave the entries pending, unanswered
+                    self.refused += len(requests)
+                    log.info("model %s: batch %s of %d not dispatched: the model is draining; its entries "
+                             "stay pending", self.spec.id, batch_id, len(requests))
+                    return
             finished = await self._run(batch_id, requests, reason, replica)
             await asyncio.shield(self.writer.write(finished))
             self.served += len(finished)
             errors = [f.code for f in finished if f.code]
             self.metrics.answered(self.spec.id, len(finished) - len(errors), errors)
         finally:
-            replica.inflight -= 1
-            self._inflight_items -= len(requests)
-            self._batches.pop(batch_id, None)
-            self._room.set()
-            self._wake.set()
+            try:
+                if counted and self.registry is not None:
+                    await asyncio.shield(asyncio.gather(self.registry.inflight(self.spec.id, -1),
+                                                        self.registry.touch(self.spec.id, len(requests))))
+            finally:
+                replica.inflight -= 1
+                self._inflight_items -= len(requests)
+                self._batches.pop(batch_id, None)
+                self._room.set()
+                self._wake.set()
 
     async def _run(self, batch_id: str, requests: list[Request], reason: Reason, replica: Replica) -> list[Finished]:
         model = self.spec.id

@@ -28,8 +28,10 @@ import redis.asyncio
 from manager import raycluster
 from manager.dispatcher import ReplicaPool
 from manager.janitor import Janitor
+from manager.loader import Loader
 from manager.pipeline import ModelPipeline
 from manager.profiles import ProfileRecord, ensure_profile, latency_model
+from manager.registry import Registry
 from manager.settings import ManagerSettings
 from manager.unknown import UnknownModels
 from producer import keys
@@ -66,6 +68,8 @@ class Manager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_at = time.time()
         self._owns_ray = False
+        self.registry: Registry | None = None
+        self.loader: Loader | None = None
         self.failed: BaseException | None = None
 
     def request_stop(self) -> None:
@@ -97,24 +101,37 @@ class Manager:
             pool = ReplicaPool(spec, inflight_per_replica=settings.inflight_per_replica,
                                dispatch_attempts=settings.dispatch_attempts)
             self._pools[spec.id] = pool
-        await asyncio.gather(*(pool.start() for pool in self._pools.values()))
-        for spec in self.config.models:  # one at a time: profiles measured side by side disturb each other
-            self.profiles[spec.id] = await ensure_profile(
-                self._redis, spec, self._pools[spec.id], measure=settings.profile_on_start,
-                options=ProfileOptions(memory_limit_bytes=settings.profile_memory_limit_bytes))
+        on_demand = settings.cpu_budget_bytes is not None
+        if on_demand:  # models load when requests wait for them (manager.loader)
+            self.registry = Registry(self._redis, owner=settings.consumer, policy=settings.eviction_policy)
+            self.profiles.update(dict.fromkeys(self._pools))
+        else:
+            await asyncio.gather(*(pool.start() for pool in self._pools.values()))
+            for spec in self.config.models:  # one at a time: profiles measured side by side disturb each other
+                self.profiles[spec.id] = await ensure_profile(
+                    self._redis, spec, self._pools[spec.id], measure=settings.profile_on_start,
+                    options=ProfileOptions(memory_limit_bytes=settings.profile_memory_limit_bytes))
         for spec in self.config.models:
             record = self.profiles[spec.id]
             pipeline = ModelPipeline(spec, client=self._redis, pool=self._pools[spec.id], settings=settings,
-                                     spawn=self._spawn,
+                                     spawn=self._spawn, registry=self.registry,
                                      latency=latency_model(record.profile) if record is not None else None)
             if record is not None:
                 pipeline.batcher.cap = max(1, min(record.profile.best_batch, spec.max_batch))
             self.pipelines[spec.id] = pipeline
             await pipeline.ensure_group()
         await self._publish_served()  # before reading: other managers must not answer unknown_model
-        for model, pipeline in self.pipelines.items():
-            self._spawn(pipeline.read_loop(), f"read-{model}")
-            self._spawn(pipeline.batch_loop(), f"batch-{model}")
+        if self.registry is not None:
+            for pipeline in self.pipelines.values():
+                pipeline.reading = False  # until it is loaded here
+            self.loader = Loader(client=self._redis, settings=settings, registry=self.registry, pools=self._pools,
+                                 pipelines=self.pipelines, profiles=self.profiles, spawn=self._spawn)
+            await self.loader.setup()
+            self._spawn(self.loader.run(self._stop), "loader")
+        else:
+            for model, pipeline in self.pipelines.items():
+                self._spawn(pipeline.read_loop(), f"read-{model}")
+                self._spawn(pipeline.batch_loop(), f"batch-{model}")
         self.janitor = Janitor(self._redis, settings, self.pipelines)
         self.unknown = UnknownModels(self._redis, settings, set(self.pipelines))
         self._spawn(self.janitor.run(self._stop), "janitor")
@@ -148,6 +165,10 @@ class Manager:
             await asyncio.gather(*still, return_exceptions=True)
         for pool in self._pools.values():
             await pool.stop()
+        if self.registry is not None:  # after the actors are killed
+            with contextlib.suppress(NosqError):
+                released = await self.registry.release_all()
+                log.info("manager %s released %s", self.settings.consumer, ", ".join(released) or "nothing")
         if self._owns_ray:
             await asyncio.to_thread(raycluster.disconnect)
         if self._redis is not None:
@@ -213,11 +234,26 @@ class Manager:
         while not self._stop.is_set():
             await self._client().set(key, self._heartbeat_value(), ex=ttl)
             await self._publish_served()
+            if self.registry is not None:
+                await self._registry_heartbeat(self.registry)
             try:
                 async with asyncio.timeout(self.settings.heartbeat_ttl_s / 3):
                     await self._stop.wait()
             except TimeoutError:
                 pass
+
+
+    async def _registry_heartbeat(self, registry: Registry) -> None:
+        """Backlogs for the cost policy; release the models of managers that stopped heartbeating."""
+        client = self._client()
+        pipe = client.pipeline(transaction=False)
+        for pipeline in self.pipelines.values():
+            pipe.xlen(pipeline.stream)
+        depths = await pipe.execute()
+        await registry.set_backlog({m: int(d) for m, d in zip(self.pipelines, depths, strict=True)})
+        reaped = await registry.reap_dead_owners()
+        if reaped:
+            log.warning("registry: released %s, whose manager stopped heartbeating", ", ".join(reaped))
 
 
 def _alive(pid: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,3 +38,16 @@ class ManagerSettings(BaseModel):
     profile_memory_limit_bytes: int | None = Field(
         default=None, ge=1, description="most memory one batch may take when profiling picks b* (default: CUDA "
         "free memory less 10% of the card; CPU a quarter of the available RAM)")
+    # -- the model registry (issue 5): on-demand loading under a memory budget ---------------
+    node: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
+                      description="this manager's node name in the registry")
+    eviction_policy: Literal["fifo", "lru", "lfu", "cost"] = "fifo"
+    cpu_budget_bytes: int | None = Field(
+        default=None, ge=1, description="RAM the models of this node may take; None: no budget, every model "
+        "loaded at start (no registry). Set: models load on demand and are evicted by eviction_policy")
+    gpu_reserve_bytes: int = Field(default=1024**3, ge=0,
+                                   description="GPU memory kept free: a GPU's budget is its total less this")
+    default_model_bytes: int = Field(
+        default=256 * 1024**2, ge=0, description="bytes reserved per replica of a model with no stored profile")
+    load_poll_ms: int = Field(default=250, ge=10,
+                              description="how often unloaded models' streams are checked for backlog")
