@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from manager.logs import configure
+from producer._common import redis_errors
 from producer.codec import tensor_parts
 from producer.errors import NosqError, NosqTimeout
 from producer.settings import RedisSettings
@@ -61,7 +62,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="GPU memory kept free (a GPU's budget is its total less this; default 1024)")
     serve.add_argument("--eviction-policy", choices=["fifo", "lru", "lfu", "cost"], default=None,
                        help="which loaded model leaves first when one must load and does not fit (default fifo)")
+    serve.add_argument("--metrics-port", type=int, default=9108,
+                       help="port of /metrics and /healthz on 127.0.0.1 (default: %(default)s; -1: none)")
+    serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics server")
     serve.set_defaults(handler=_serve)
+
+    status = sub.add_parser("status", parents=[common],
+                            help="live view of managers and models: replicas, backlog, req/s, batch, p50/p99")
+    status.add_argument("--once", action="store_true", help="print one view and exit")
+    status.add_argument("--json", action="store_true", help="machine-readable (implies --once)")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    status.set_defaults(handler=_status)
 
     models = sub.add_parser("models", parents=[common],
                             help="the model registry: state, placement, bytes and use of every model")
@@ -162,10 +173,33 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["gpu_reserve_bytes"] = int(args.gpu_reserve_mib * 1024 * 1024)
     if args.eviction_policy:
         overrides["eviction_policy"] = args.eviction_policy
+    if args.metrics_port >= 0:
+        overrides.update(metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     manager = Manager(config, ManagerSettings(**overrides))
 
     asyncio.run(manager.run(handle_signals=True))
     return EXIT_ERROR if manager.failed is not None else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import time
+
+    from manager.status import collect, render
+
+    client = redis_settings(args).client()
+    try:
+        with redis_errors(f"reading status from {redis_settings(args).describe()}"):
+            if args.json or args.once:
+                view = collect(client)
+                print(json.dumps(view, default=str) if args.json else render(view))
+                return 0
+            while True:  # a terminal view: clear, draw, wait
+                view = collect(client)
+                print("\x1b[2J\x1b[H" + time.strftime("%H:%M:%S ") + "nosq status (Ctrl-C to quit)\n"
+                      + render(view), flush=True)
+                time.sleep(args.interval)
+    finally:
+        client.close()
 
 
 def _models(args: argparse.Namespace) -> int:

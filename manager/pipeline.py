@@ -22,6 +22,7 @@ from manager.metrics import Metrics
 from manager.registry import Registry
 from manager.results import BatchInfo, Finished, ResultWriter, error, success
 from manager.settings import ManagerSettings
+from manager.stats import RollingStats
 from producer import keys
 from producer.wire import BadEntry, ErrorCode, Request, now_ms, parse_request
 from workers.spec import ModelSpec
@@ -48,6 +49,7 @@ class ModelPipeline:
         self.batcher = Batcher(cap=spec.max_batch, max_wait_ms=spec.max_wait_ms, latency=latency or LatencyModel())
         self.writer = ResultWriter(client, model=spec.id, reply_maxlen=settings.reply_maxlen)
         self.metrics = metrics or Metrics()
+        self.stats = RollingStats()
         self._wake = asyncio.Event()  # work arrived or a batch finished
         self._room = asyncio.Event()  # the batcher made room for prefetch
         self._inflight_items = 0
@@ -252,6 +254,8 @@ class ModelPipeline:
             self.served += len(finished)
             errors = [f.code for f in finished if f.code]
             self.metrics.answered(self.spec.id, len(finished) - len(errors), errors)
+            done = now_ms()
+            self.stats.answered([done - (f.request.enqueued_ms or f.request.read_ms) for f in finished], len(errors))
         finally:
             try:
                 if counted and self.registry is not None:
@@ -284,6 +288,7 @@ class ModelPipeline:
         info = BatchInfo(id=batch_id, size=len(runnable), reason=str(reason), dispatched_ms=info_ms,
                          exec_ms=result.exec_ms)
         self.batcher.latency.observe(len(runnable), result.exec_ms)
+        self.stats.batch(len(runnable))
         self.metrics.batch(model, size=len(runnable), reason=str(reason), exec_ms=result.exec_ms,
                            waits_ms=(info_ms - (r.enqueued_ms or r.read_ms) for r in runnable))
         for request, item in zip(runnable, result.items, strict=True):

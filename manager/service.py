@@ -29,6 +29,7 @@ from manager import raycluster
 from manager.dispatcher import ReplicaPool
 from manager.janitor import Janitor
 from manager.loader import Loader
+from manager.metrics import Metrics, MetricsServer
 from manager.pipeline import ModelPipeline
 from manager.profiles import ProfileRecord, ensure_profile, latency_model
 from manager.registry import Registry
@@ -71,6 +72,8 @@ class Manager:
         self.registry: Registry | None = None
         self.loader: Loader | None = None
         self.failed: BaseException | None = None
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
 
     def request_stop(self) -> None:
         """Safe from a signal handler: only records the wish."""
@@ -114,7 +117,7 @@ class Manager:
         for spec in self.config.models:
             record = self.profiles[spec.id]
             pipeline = ModelPipeline(spec, client=self._redis, pool=self._pools[spec.id], settings=settings,
-                                     spawn=self._spawn, registry=self.registry,
+                                     spawn=self._spawn, registry=self.registry, metrics=self.metrics,
                                      latency=latency_model(record.profile) if record is not None else None)
             if record is not None:
                 pipeline.batcher.cap = max(1, min(record.profile.best_batch, spec.max_batch))
@@ -137,6 +140,7 @@ class Manager:
         self._spawn(self.janitor.run(self._stop), "janitor")
         self._spawn(self.unknown.run(self._stop), "unknown-models")
         self._spawn(self._heartbeat(), "heartbeat")
+        await self._start_metrics()
         self.state = State.RUNNING
         log.info("manager %s serving %s", settings.consumer, ", ".join(self.pipelines))
 
@@ -147,6 +151,8 @@ class Manager:
             return
         self.state = State.DRAINING
         self._stop.set()
+        if self.metrics_server is not None:
+            await self.metrics_server.aclose()
         for pipeline in self.pipelines.values():
             pipeline.reading = False
             pipeline.draining = True
@@ -202,11 +208,44 @@ class Manager:
         return self._redis
 
     def _heartbeat_value(self) -> str:
+        stats = {m: {**p.stats.snapshot(), "replicas": len(self._pools[m].replicas)}
+                 for m, p in self.pipelines.items()}
         return json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(), "started": self._started_at,
             "state": self.state.value, "models": sorted(self.pipelines), "at_ms": now_ms(),
-            "served": {m: p.served for m, p in self.pipelines.items()},
+            "served": {m: p.served for m, p in self.pipelines.items()}, "stats": stats,
         })
+
+    async def _start_metrics(self) -> None:
+        """/metrics and /healthz; a port in use costs the metrics, never the serving."""
+        if self.settings.metrics_port is None:
+            return
+        server = MetricsServer(self.metrics, host=self.settings.metrics_host, port=self.settings.metrics_port,
+                               refresh=self._refresh_gauges, healthy=lambda: self.state is State.RUNNING)
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("metrics server not started on %s:%d: %s", self.settings.metrics_host,
+                      self.settings.metrics_port, exc)
+            return
+        self.metrics_server = server
+
+    async def _refresh_gauges(self) -> None:
+        """Backlog, pending, replicas and resident bytes, read when scraped."""
+        pipe = self._client().pipeline(transaction=False)
+        for pipeline in self.pipelines.values():
+            pipe.xlen(pipeline.stream)
+            pipe.xpending(pipeline.stream, keys.GROUP)
+        answers = await pipe.execute(raise_on_error=False)
+        for index, model in enumerate(self.pipelines):
+            depth, pending = answers[2 * index], answers[2 * index + 1]
+            self.metrics.backlog.labels(model).set(depth if isinstance(depth, int) else 0)
+            self.metrics.pending.labels(model).set(pending.get("pending", 0) if isinstance(pending, dict) else 0)
+            self.metrics.replicas.labels(model).set(len(self._pools[model].replicas))
+        if self.registry is not None:
+            for device in await self.registry.devices():
+                name = f"{device.get('node', '')}/{device.get('device', '')}"
+                self.metrics.resident_bytes.labels(name).set(float(device.get("used_bytes", 0) or 0))
 
     async def _claim_consumer_name(self) -> None:
         """Refuse to run beside a live manager that uses the same consumer name."""

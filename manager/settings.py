@@ -51,3 +51,5 @@ class ManagerSettings(BaseModel):
         default=256 * 1024**2, ge=0, description="bytes reserved per replica of a model with no stored profile")
     load_poll_ms: int = Field(default=250, ge=10,
                               description="how often unloaded models' streams are checked for backlog")
+    metrics_host: str = Field(default="127.0.0.1", description="address of /metrics and /healthz")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="None: no metrics server")
