@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", parents=[common],
                             help="the model registry: state, placement, bytes and use of every model")
     models.add_argument("--json", action="store_true", help="print the snapshot (models and devices) as JSON")
+    models.add_argument("action", nargs="?", choices=["load", "unload", "scale", "profile"],
+                        help="ask the managers (an arq job through Redis): load MODEL, unload MODEL, "
+                             "scale MODEL N, profile MODEL")
+    models.add_argument("target", nargs="*", help="MODEL, and N for scale")
+    models.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the job's result")
     models.set_defaults(handler=_models)
 
     submit = sub.add_parser("submit", parents=[common], help="enqueue one request, wait, print its result")
@@ -207,6 +212,9 @@ def _models(args: argparse.Namespace) -> int:
 
     from manager.registry import Registry
 
+    if args.action:
+        return _control(args)
+
     async def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         client = redis_settings(args).async_client()
         try:
@@ -223,6 +231,35 @@ def _models(args: argparse.Namespace) -> int:
         print(json.dumps({"models": rows, "devices": devices}, indent=2))
         return 0
     print(format_models(rows, devices))
+    return 0
+
+
+def _control(args: argparse.Namespace) -> int:
+    from manager.control import request
+
+    wanted = 2 if args.action == "scale" else 1
+    if len(args.target) != wanted:
+        usage = "MODEL N" if args.action == "scale" else "MODEL"
+        print(f"nosq: usage: nosq models {args.action} {usage}", file=sys.stderr)
+        return 2
+    params: list[Any] = [args.target[0]]
+    if args.action == "scale":
+        try:
+            params.append(int(args.target[1]))
+        except ValueError:
+            print(f"nosq: replicas must be an integer, not {args.target[1]!r}", file=sys.stderr)
+            return 2
+    try:
+        result = asyncio.run(request(redis_settings(args), args.action, *params, timeout_s=args.timeout))
+    except NosqTimeout:
+        print(f"nosq: no manager answered {args.action} {' '.join(args.target)} within {args.timeout:g} s: "
+              "is `nosq serve` running against this Redis?", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except NosqError:
+        raise
+    except Exception as exc:  # the job's own error, raised again by arq here
+        raise NosqError(f"{args.action} {' '.join(args.target)} failed: {exc}") from exc
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 

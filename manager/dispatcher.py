@@ -75,6 +75,23 @@ class ReplicaPool:
             "name": None,
         }
 
+    async def scale_to(self, replicas: int) -> None:
+        """Add replicas, or retire the newest: no new batch goes to them, the running ones finish."""
+        if replicas < 1:
+            raise ValueError(f"a loaded model keeps at least 1 replica, not {replicas}")
+        if replicas > len(self.replicas):
+            await self.start(replicas - len(self.replicas))
+            return
+        retiring = self.replicas[replicas:]
+        del self.replicas[replicas:]
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        # a rare control-path wait, bounded: slots are plain counters the pipeline's batch tasks release
+        while any(r.inflight for r in retiring) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        for replica in retiring:
+            ray.kill(replica.actor, no_restart=True)
+        log.info("model %s: scaled to %d replica(s)", self.spec.id, replicas)
+
     async def stop(self) -> None:
         for replica in self.replicas:
             ray.kill(replica.actor, no_restart=True)

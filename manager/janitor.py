@@ -85,7 +85,7 @@ class Janitor:
         return taken
 
     async def _admit_claimed(self, pipeline: ModelPipeline, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        held = set(pipeline.held_entries())
+        held = set(pipeline.held_entries())  # ours already: admit() would skip them too, but count them out
         entries = [(eid, fields) for eid, fields in entries if eid.decode() not in held]
         if not entries:
             return

@@ -48,6 +48,7 @@ from manager.dispatcher import ReplicaPool, _cluster_gpus
 from manager.pipeline import ModelPipeline
 from manager.profiles import ProfileRecord, decode, ensure_profile, latency_model
 from manager.registry import ModelState, Outcome, Registry, RegistryError, ReservationLost
+from manager.resilience import forever
 from manager.settings import ManagerSettings
 from producer import keys
 from workers.curve import ProfileError
@@ -165,6 +166,18 @@ class Loader:
         index = placement.first_fit(nbytes, [d["free_bytes"] for d in gpus])
         return str(gpus[index if index is not None else 0]["device"])
 
+    async def load_now(self, model: str, stop: asyncio.Event) -> None:
+        """Load ``model`` without waiting for backlog (a control-plane request)."""
+        if model in self.resident:
+            return
+        if model in self._busy:  # a load or eviction is under way: let it finish, then look again
+            while model in self._busy and not stop.is_set():  # noqa: ASYNC110 - rare control-path wait
+                await asyncio.sleep(0.05)
+            if model in self.resident:
+                return
+        self._busy.add(model)
+        await self._load(model, stop)
+
     async def _load(self, model: str, stop: asyncio.Event) -> None:
         try:
             await self._load_when_room(model, stop)
@@ -229,7 +242,8 @@ class Loader:
         if stop.is_set():  # the manager is stopping: it kills the actors and releases
             return
         pipeline.resume()
-        self._loops[model] = [self._spawn(pipeline.read_loop(), f"read-{model}"),
+        read = forever(pipeline.read_loop, f"read-{model}", self._settings.reconnect_s)
+        self._loops[model] = [self._spawn(read, f"read-{model}"),
                               self._spawn(pipeline.batch_loop(), f"batch-{model}")]
         self.resident.add(model)
         self.loads.append(model)

@@ -20,6 +20,7 @@ from manager.batcher import Batcher, LatencyModel, Reason
 from manager.dispatcher import Replica, ReplicaPool
 from manager.metrics import Metrics
 from manager.registry import Registry
+from manager.resilience import retrying
 from manager.results import BatchInfo, Finished, ResultWriter, error, success
 from manager.settings import ManagerSettings
 from manager.stats import RollingStats
@@ -47,7 +48,8 @@ class ModelPipeline:
         self._settings = settings
         self._spawn = spawn
         self.batcher = Batcher(cap=spec.max_batch, max_wait_ms=spec.max_wait_ms, latency=latency or LatencyModel())
-        self.writer = ResultWriter(client, model=spec.id, reply_maxlen=settings.reply_maxlen)
+        self.writer = ResultWriter(client, model=spec.id, reply_maxlen=settings.reply_maxlen,
+                                   retry_s=settings.reconnect_s)
         self.metrics = metrics or Metrics()
         self.stats = RollingStats()
         self._wake = asyncio.Event()  # work arrived or a batch finished
@@ -133,6 +135,9 @@ class ModelPipeline:
 
     async def admit(self, entries: list[tuple[bytes, dict[bytes, bytes]]], *, deliveries: int) -> None:
         """Parse entries: good ones go to the batcher, bad ones get their error result now."""
+        if deliveries > 1:  # re-read (recovery after a reconnect, a reclaim): skip what is held already
+            held = set(self.held_entries())
+            entries = [(eid, fields) for eid, fields in entries if eid.decode() not in held]
         now = now_ms()
         finished: list[Finished] = []
         dead: list[tuple[bytes, dict[bytes, bytes], str]] = []
@@ -303,7 +308,8 @@ class ModelPipeline:
         pipe = self._redis.pipeline(transaction=False)
         pipe.mget([keys.cancel(r.id) for r in requests])
         pipe.mget([keys.result(r.id) for r in requests])
-        cancelled, existing = await pipe.execute()
+        cancelled, existing = await retrying(pipe.execute, f"checking batch of model {self.spec.id}",
+                                             self._settings.reconnect_s)
         now = now_ms()
         model = self.spec.id
         finished: list[Finished] = []

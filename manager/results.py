@@ -11,6 +11,7 @@ from typing import Any
 
 import redis.asyncio
 
+from manager.resilience import retrying
 from producer import keys
 from producer.wire import PROTOCOL_VERSION, ErrorCode, Request, encode_envelope, now_ms
 
@@ -68,11 +69,13 @@ def _header(model: str, request: Request, batch: BatchInfo | None) -> dict[str, 
 class ResultWriter:
     """Writes the results of one model's requests and acknowledges their entries."""
 
-    def __init__(self, client: redis.asyncio.Redis, *, model: str, reply_maxlen: int) -> None:
+    def __init__(self, client: redis.asyncio.Redis, *, model: str, reply_maxlen: int,
+                 retry_s: float = 60.0) -> None:
         self._redis = client
         self._model = model
         self._stream = keys.requests(model)
         self._reply_maxlen = reply_maxlen
+        self._retry_s = retry_s  # a write is idempotent (SET NX, XACK, XDEL): retried while Redis restarts
 
     async def write(self, finished: list[Finished], extra_acks: list[str] | None = None) -> None:
         """Write every result, then ack and delete the entries (and ``extra_acks``)."""
@@ -99,4 +102,4 @@ class ResultWriter:
         if ack_ids:
             pipe.xack(self._stream, keys.GROUP, *ack_ids)
             pipe.xdel(self._stream, *ack_ids)
-        await pipe.execute()
+        await retrying(pipe.execute, f"writing {len(finished)} result(s) of model {self._model}", self._retry_s)

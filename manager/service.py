@@ -20,19 +20,21 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import redis.asyncio
 
 from manager import raycluster
+from manager.control import ControlWorker
 from manager.dispatcher import ReplicaPool
 from manager.janitor import Janitor
 from manager.loader import Loader
 from manager.metrics import Metrics, MetricsServer
 from manager.pipeline import ModelPipeline
-from manager.profiles import ProfileRecord, ensure_profile, latency_model
+from manager.profiles import ProfileRecord, ensure_profile, latency_model, profile_key
 from manager.registry import Registry
+from manager.resilience import forever
 from manager.settings import ManagerSettings
 from manager.unknown import UnknownModels
 from producer import keys
@@ -74,6 +76,7 @@ class Manager:
         self.failed: BaseException | None = None
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
+        self.control: ControlWorker | None = None
 
     def request_stop(self) -> None:
         """Safe from a signal handler: only records the wish."""
@@ -96,7 +99,7 @@ class Manager:
             raise NosqError(f"manager cannot start from state {self.state.value}")
         self.state = State.STARTING
         settings = self.settings
-        self._redis = settings.redis.async_client()
+        self._redis = settings.redis.async_client(reconnect_s=settings.reconnect_s)
         await self._claim_consumer_name()
         # in the main thread: Ray installs signal handlers
         self._owns_ray = raycluster.connect(settings.ray_address, settings.ray_num_cpus)
@@ -130,17 +133,19 @@ class Manager:
             self.loader = Loader(client=self._redis, settings=settings, registry=self.registry, pools=self._pools,
                                  pipelines=self.pipelines, profiles=self.profiles, spawn=self._spawn)
             await self.loader.setup()
-            self._spawn(self.loader.run(self._stop), "loader")
+            self._spawn_loop(lambda: self.loader.run(self._stop) if self.loader else _nothing(), "loader")
         else:
             for model, pipeline in self.pipelines.items():
-                self._spawn(pipeline.read_loop(), f"read-{model}")
+                self._spawn_loop(pipeline.read_loop, f"read-{model}")
                 self._spawn(pipeline.batch_loop(), f"batch-{model}")
         self.janitor = Janitor(self._redis, settings, self.pipelines)
         self.unknown = UnknownModels(self._redis, settings, set(self.pipelines))
-        self._spawn(self.janitor.run(self._stop), "janitor")
-        self._spawn(self.unknown.run(self._stop), "unknown-models")
-        self._spawn(self._heartbeat(), "heartbeat")
+        self._spawn_loop(lambda: self.janitor.run(self._stop), "janitor")
+        self._spawn_loop(lambda: self.unknown.run(self._stop), "unknown-models")
+        self._spawn_loop(self._heartbeat, "heartbeat")
         await self._start_metrics()
+        self.control = ControlWorker(self)
+        self._spawn(self.control.run(), "control")
         self.state = State.RUNNING
         log.info("manager %s serving %s", settings.consumer, ", ".join(self.pipelines))
 
@@ -151,6 +156,8 @@ class Manager:
             return
         self.state = State.DRAINING
         self._stop.set()
+        if self.control is not None:
+            await self.control.aclose()
         if self.metrics_server is not None:
             await self.metrics_server.aclose()
         for pipeline in self.pipelines.values():
@@ -184,7 +191,56 @@ class Manager:
         self.state = State.STOPPED
         log.info("manager %s stopped", self.settings.consumer)
 
+    # -- control plane (manager.control runs these as arq jobs) ------------------------------
+
+    def _describe(self, model: str) -> dict[str, Any]:
+        loaded = self.loader is None or model in self.loader.resident
+        return {"model": model, "manager": self.settings.consumer, "loaded": loaded,
+                "replicas": len(self._pools[model].replicas), "batch_cap": self.pipelines[model].batcher.cap}
+
+    async def load_model(self, model: str) -> dict[str, Any]:
+        """Load now rather than on the first request (every model is loaded without a budget)."""
+        if self.loader is not None and model not in self.loader.resident:
+            await self.loader.load_now(model, self._stop)
+        return self._describe(model)
+
+    async def unload_model(self, model: str) -> dict[str, Any]:
+        """Drain and evict (on-demand mode: the next request loads it again)."""
+        if self.loader is None:
+            raise NosqError(f"model {model!r}: unload needs on-demand loading (nosq serve --cpu-budget-mib ...); "
+                            "without a budget every configured model stays loaded")
+        if model in self.loader.resident:
+            await self.loader.evict(model, release=True)
+        return self._describe(model)
+
+    async def scale_model(self, model: str, replicas: int) -> dict[str, Any]:
+        if self.loader is not None and model not in self.loader.resident:
+            raise NosqError(f"model {model!r} is not loaded here: load it first")
+        await self._pools[model].scale_to(replicas)
+        self.pipelines[model].wake()
+        return self._describe(model)
+
+    async def reprofile_model(self, model: str) -> dict[str, Any]:
+        """Measure the model's profile again on its replica, store it, and serve with it."""
+        pool, pipeline = self._pools[model], self.pipelines[model]
+        if not pool.replicas:
+            raise NosqError(f"model {model!r} is not loaded here: load it first")
+        info = pool.replicas[0].info or {}
+        if info.get("device_kind") and info.get("signature"):
+            await self._client().delete(profile_key(model, info["device_kind"], info["signature"]))
+        record = await ensure_profile(self._client(), pool.spec, pool, measure=True,
+                                      options=ProfileOptions(memory_limit_bytes=self.settings.profile_memory_limit_bytes))
+        self.profiles[model] = record
+        if record is not None:
+            pipeline.batcher.latency = latency_model(record.profile)
+            pipeline.batcher.cap = max(1, min(record.profile.best_batch, pool.spec.max_batch))
+        return {**self._describe(model), "profile": record.profile.to_dict() if record is not None else None}
+
     # -- internals --------------------------------------------------------------------------
+
+    def _spawn_loop(self, loop: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:
+        """A long-running loop that survives Redis restarts (manager.resilience)."""
+        return self._spawn(forever(loop, name, self.settings.reconnect_s), name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
@@ -305,3 +361,7 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+async def _nothing() -> None:
+    return None

@@ -53,3 +53,4 @@ class ManagerSettings(BaseModel):
                               description="how often unloaded models' streams are checked for backlog")
     metrics_host: str = Field(default="127.0.0.1", description="address of /metrics and /healthz")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="None: no metrics server")
+    reconnect_s: float = Field(default=60.0, ge=0, description="how long to retry a lost Redis connection")

@@ -8,6 +8,8 @@ from urllib.parse import urlparse, urlunparse
 import redis
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 
 __all__ = ["RedisSettings"]
 
@@ -78,9 +80,15 @@ class RedisSettings(BaseModel):
         client: redis.Redis = redis.Redis.from_url(self._url_without_overrides(), **self._kwargs())
         return client
 
-    def async_client(self) -> redis.asyncio.Redis:
-        """An asyncio client (bytes in, bytes out)."""
-        client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(self._url_without_overrides(), **self._kwargs())
+    def async_client(self, *, reconnect_s: float = 0.0) -> redis.asyncio.Redis:
+        """An asyncio client (bytes in, bytes out). With ``reconnect_s`` > 0 a dropped connection
+        is retried with exponential backoff (0.1 s doubling to 2 s) for about that long: a server
+        restart then costs a pause, not an error."""
+        kwargs = self._kwargs()
+        if reconnect_s > 0:
+            kwargs["retry"] = AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=max(1, int(reconnect_s / 2)))
+            kwargs["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
+        client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(self._url_without_overrides(), **kwargs)
         return client
 
     def describe(self) -> str:
