@@ -172,6 +172,8 @@ class ModelPipeline:
         if finished:
             await self.writer.write(finished)
             self.metrics.answered(model, 0, (f.code for f in finished))
+            for item in finished:
+                log.info("model %s request %s: answered %s before batching", model, item.request.id, item.code)
         self._wake.set()
 
     async def dead_letter(self, entries: list[tuple[bytes, dict[bytes, bytes], str]], code: ErrorCode) -> None:
@@ -259,6 +261,11 @@ class ModelPipeline:
             self.served += len(finished)
             errors = [f.code for f in finished if f.code]
             self.metrics.answered(self.spec.id, len(finished) - len(errors), errors)
+            if errors and log.isEnabledFor(logging.INFO):
+                for item in finished:
+                    if item.code:
+                        log.info("model %s request %s: answered %s (batch %s)", self.spec.id, item.request.id,
+                                 item.code, batch_id)
             done = now_ms()
             self.stats.answered([done - (f.request.enqueued_ms or f.request.read_ms) for f in finished], len(errors))
         finally:
