@@ -55,7 +55,14 @@ def collect(client: redis.Redis) -> dict[str, Any]:
         if model in registry:
             row["state"] = registry[model].get("state", "")
             row["resident_mib"] = round(int(registry[model].get("bytes", 0) or 0) / 2**20, 1)
-    return {"managers": managers, "models": [models[m] for m in names]}
+    devices = []
+    members: Any = client.smembers(keys.registry("devices"))
+    for label in sorted(m.decode() for m in members):
+        raw_device: Any = client.hgetall(keys.registry("device:") + label)
+        device = {k.decode(): v.decode() for k, v in raw_device.items()}
+        devices.append({"device": label, "budget_mib": round(int(device.get("budget_bytes", 0)) / 2**20, 1),
+                        "used_mib": round(int(device.get("used_bytes", 0)) / 2**20, 1)})
+    return {"managers": managers, "models": [models[m] for m in names], "devices": devices}
 
 
 def render(view: dict[str, Any]) -> str:
@@ -69,6 +76,8 @@ def render(view: dict[str, Any]) -> str:
             f"{row.get('p50_ms', 0):>9.1f}{row.get('p99_ms', 0):>9.1f}{row.get('resident_mib', 0):>8.1f}"
             f"  {','.join(row['managers'])}"
         )
+    for device in view.get("devices", []):
+        lines.append(f"device {device['device']}: {device['used_mib']:.1f} of {device['budget_mib']:.1f} MiB used")
     alive = ", ".join(f"{m['consumer']} ({m.get('state', '?')}, pid {m.get('pid')})" for m in view["managers"])
     lines.append(f"managers: {alive or 'none alive'}")
     return "\n".join(lines)

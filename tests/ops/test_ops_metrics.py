@@ -79,15 +79,16 @@ def test_metrics_health_and_status_during_a_load(manager: int) -> None:
     def scrape() -> None:
         while not stop.is_set():
             scrapes.append(get(port, "/metrics")[1])
-            stop.wait(0.2)
+            stop.wait(0.05)
 
     scraper = threading.Thread(target=scrape)
     scraper.start()
     try:
         with Producer(RedisSettings(url=URL)) as producer:
-            handles = producer.submit_many("noop", [np.ones(8, np.float32)] * 2000)
+            for _ in range(20):  # a load that lasts: 20 rounds of 100
+                handles = producer.submit_many("noop", [np.ones(8, np.float32)] * 100)
+                producer.gather(handles, timeout_s=60)
             bad = producer.submit("noop", {"x": 1}, method="nope")
-            producer.gather(handles, timeout_s=60)
             assert producer.outcome(bad, timeout_s=30).code == "unknown_method"
     finally:
         stop.set()
