@@ -25,6 +25,7 @@ import torch
 from producer.codec import decode_value, encode_value
 from producer.errors import NosqError
 from workers.batching import OutputMismatch, collate, shape_groups, split, to_numpy
+from workers.compiling import CompiledModel
 from workers.curve import EXAMPLE_OPTION, ProfileError
 from workers.profiler import (
     ProfileOptions,
@@ -96,10 +97,12 @@ class ModelWorker:
             )
         self.model = model.to(self.device).eval()
         self._example: torch.Tensor | None = None
+        self.compiled = CompiledModel(self.model, spec, self.device, self._example_or_none())
 
     def ready(self) -> dict[str, Any]:
         """Where the model lives and how big it is: pid, device, weights_bytes, rss_bytes, and
-        what its profile is keyed by: device_kind and signature (None without an example input)."""
+        what its profile is keyed by: device_kind and signature (None without an example input);
+        compile: ``workers.compiling.CompiledModel.status()`` (requested, active, error, ...)."""
         try:
             signature: str | None = input_signature(self.example())
         except ProfileError:
@@ -111,6 +114,7 @@ class ModelWorker:
             "signature": signature,
             "weights_bytes": weights_bytes(self.model),
             "rss_bytes": _rss_bytes(),
+            "compile": self.compiled.status(),
         }
 
     # -- profiling --------------------------------------------------------------------------
@@ -141,10 +145,18 @@ class ModelWorker:
                                "(the spec's max_batch): raise the spec's max_batch to profile larger batches")
         method = spec.methods[0]
         return Profiler(
-            getattr(self.model, method), model=self.model, model_id=spec.id, fingerprint=spec.fingerprint(),
+            self.compiled.method(method), model=self.model, model_id=spec.id, fingerprint=spec.fingerprint(),
             method=method, device=self.device, max_batch=max_batch or spec.max_batch,
             latency_budget_ms=spec.latency_budget_ms, example=self.example(), options=options,
         )
+
+    def _example_or_none(self) -> torch.Tensor | None:
+        if self.spec.compile == "eager":
+            return None  # eager needs none: a bad example_input() is reported by profile() alone
+        try:
+            return self.example()
+        except ProfileError:
+            return None
 
     def _make_example(self) -> torch.Tensor:
         make = getattr(self.model, "example_input", None)
@@ -193,7 +205,7 @@ class ModelWorker:
                 inputs[i] = decode_value(ct, payload)
             except Exception as exc:  # ProtocolError by contract; any other failure is the same to the client
                 results[i] = ItemResult(False, code="bad_request", message=_message(exc))
-        batch = _Batch(getattr(self.model, method), self.device, cts, inputs, results)
+        batch = _Batch(self.compiled.method(method), self.device, cts, inputs, results)
         batch.run([i for i, r in enumerate(results) if r is None])
         done = [r for r in results if r is not None]
         if len(done) != len(results):  # unreachable unless _Batch has a bug; never return a short list

@@ -24,6 +24,13 @@ __all__ = ["ConfigError", "ModelSpec", "ServeConfig", "load_config"]
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$", re.ASCII)
 _METHOD_RE = re.compile(r"^[A-Za-z]\w*$", re.ASCII)
+# torch.compile's modes (``torch._inductor.list_mode_options``); "default" is what None means
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# fields added after fingerprints were first stored: left out of the canonical JSON at their
+# default, so a spec that does not use them keeps the fingerprint (and the profiles) it had
+_FINGERPRINT_IF_SET = {"compile": "eager", "compile_mode": None}
+# where compiled artifacts live does not change the model: never part of the fingerprint
+_NOT_FINGERPRINTED = ("compile_cache_dir",)
 
 
 class ConfigError(NosqError, ValueError):
@@ -46,6 +53,10 @@ class ModelSpec(BaseModel):
     num_cpus: float = Field(default=1.0, ge=0)
     threads: int | None = Field(default=None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
+    # eager, torch.jit.trace per batch bucket, or torch.compile (``workers.compiling``)
+    compile: Literal["eager", "trace", "compile"] = "eager"
+    compile_mode: str | None = None  # torch.compile's mode; only with compile = "compile"
+    compile_cache_dir: str | None = None  # default: ~/.cache/nosq/compile
 
     @field_validator("factory")
     @classmethod
@@ -79,11 +90,36 @@ class ModelSpec(BaseModel):
                              f'{{dtype = "float32", shape = [3, 64, 64]}} or a list of numbers, got {example!r}')
         return value
 
+    @field_validator("compile_cache_dir")
+    @classmethod
+    def _check_cache_dir(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("compile_cache_dir must be a directory path; leave it out for ~/.cache/nosq/compile")
+        return value
+
+    @model_validator(mode="after")
+    def _check_compile_mode(self) -> ModelSpec:
+        if self.compile_mode is None:
+            return self
+        if self.compile != "compile":
+            raise ValueError(f"compile_mode {self.compile_mode!r} needs compile = \"compile\" "
+                             f"(compile is {self.compile!r})")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        return self
+
     def fingerprint(self) -> str:
-        """First 16 hex chars of the sha256 of this spec's canonical JSON (sorted keys)."""
-        canonical = json.dumps(
-            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), default=str
-        )
+        """First 16 hex chars of the sha256 of this spec's canonical JSON (sorted keys).
+
+        ``compile`` and ``compile_mode`` count only when set (a profile of the compiled model
+        is a different profile); ``compile_cache_dir`` never does."""
+        data = self.model_dump(mode="json")
+        for key in _NOT_FINGERPRINTED:
+            data.pop(key, None)
+        for key, default in _FINGERPRINT_IF_SET.items():
+            if data.get(key) == default:
+                data.pop(key, None)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
