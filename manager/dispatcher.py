@@ -155,6 +155,21 @@ class ReplicaPool:
                 await asyncio.sleep(0.2)  # Ray reports restarts only by failing calls
         raise TimeoutError(f"model {self.spec.id}: replica {replica.index} did not restart")
 
+    async def refresh_info(self) -> None:
+        """Ask every replica for its ``ready()`` info again (compile status, memory)."""
+        infos = await asyncio.gather(*(r.actor.ready.remote() for r in self.replicas), return_exceptions=True)
+        for replica, info in zip(self.replicas, infos, strict=True):
+            if isinstance(info, dict):
+                replica.info = info
+
+    def compile_problem(self) -> str | None:
+        """The compile/trace failure the replicas fell back to eager for (``ready()["compile"]``)."""
+        for replica in self.replicas:
+            status = (replica.info or {}).get("compile") or {}
+            if status.get("error"):
+                return f"compile {status.get('requested')} -> {status.get('active')}: {status['error']}"
+        return None
+
     async def memory(self) -> list[dict[str, int]]:
         return list(await asyncio.gather(*(r.actor.memory.remote() for r in self.replicas)))
 

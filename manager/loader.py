@@ -235,6 +235,10 @@ class Loader:
         load_ms = (time.monotonic() - started) * 1000
         try:
             await self.registry.mark_ready(model, len(pool.replicas), load_ms)
+            problem = pool.compile_problem()
+            if problem is not None:
+                log.warning("model %s: %s; serving eagerly", model, problem)
+                await self.registry.record_error(model, problem)
         except ReservationLost as exc:
             log.warning("model %s: %s", model, exc)
             await pool.stop()

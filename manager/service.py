@@ -77,6 +77,7 @@ class Manager:
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
         self.control: ControlWorker | None = None
+        self._compile_reported: set[str] = set()
 
     def request_stop(self) -> None:
         """Safe from a signal handler: only records the wish."""
@@ -113,6 +114,10 @@ class Manager:
             self.profiles.update(dict.fromkeys(self._pools))
         else:
             await asyncio.gather(*(pool.start() for pool in self._pools.values()))
+            for model, pool in self._pools.items():
+                problem = pool.compile_problem()
+                if problem is not None:
+                    log.warning("model %s: %s; serving eagerly", model, problem)
             for spec in self.config.models:  # one at a time: profiles measured side by side disturb each other
                 self.profiles[spec.id] = await ensure_profile(
                     self._redis, spec, self._pools[spec.id], measure=settings.profile_on_start,
@@ -264,7 +269,8 @@ class Manager:
         return self._redis
 
     def _heartbeat_value(self) -> str:
-        stats = {m: {**p.stats.snapshot(), "replicas": len(self._pools[m].replicas)}
+        stats = {m: {**p.stats.snapshot(), "replicas": len(self._pools[m].replicas),
+                     "compile_problem": self._pools[m].compile_problem()}
                  for m, p in self.pipelines.items()}
         return json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(), "started": self._started_at,
@@ -317,6 +323,19 @@ class Manager:
                 )
         await self._client().set(key, self._heartbeat_value(), ex=self.settings.heartbeat_ttl_s)
 
+    async def _check_compile(self) -> None:
+        """A traced/compiled model may fall back to eager on a later batch: look, report once."""
+        for model, pool in self._pools.items():
+            if pool.spec.compile == "eager" or model in self._compile_reported or not pool.replicas:
+                continue
+            await pool.refresh_info()
+            problem = pool.compile_problem()
+            if problem is not None:
+                self._compile_reported.add(model)
+                log.warning("model %s: %s; serving eagerly", model, problem)
+                if self.registry is not None:
+                    await self.registry.record_error(model, problem)
+
     async def _publish_served(self) -> None:
         """Record the models this manager serves, each until its heartbeat would lapse."""
         expires = now_ms() + self.settings.heartbeat_ttl_s * 1000
@@ -327,6 +346,7 @@ class Manager:
         key = keys.manager_heartbeat(self.settings.consumer)
         ttl = self.settings.heartbeat_ttl_s
         while not self._stop.is_set():
+            await self._check_compile()
             await self._client().set(key, self._heartbeat_value(), ex=ttl)
             await self._publish_served()
             if self.registry is not None:
