@@ -46,7 +46,7 @@ import redis.asyncio
 from manager import placement
 from manager.dispatcher import ReplicaPool, _cluster_gpus
 from manager.pipeline import ModelPipeline
-from manager.profiles import ProfileRecord, decode, ensure_profile, latency_model
+from manager.profiles import ProfileRecord, decode, ensure_profile
 from manager.registry import ModelState, Outcome, Registry, RegistryError, ReservationLost
 from manager.resilience import forever
 from manager.settings import ManagerSettings
@@ -223,9 +223,7 @@ class Loader:
                     self._redis, pool.spec, pool, measure=self._settings.profile_on_start,
                     options=ProfileOptions(memory_limit_bytes=self._settings.profile_memory_limit_bytes))
                 self._profiles[model] = record
-                if record is not None:
-                    pipeline.batcher.latency = latency_model(record.profile)
-                    pipeline.batcher.cap = max(1, min(record.profile.best_batch, pool.spec.max_batch))
+                pipeline.apply_profile(record.profile if record is not None else None)
         except Exception as exc:  # any load failure is recorded; the manager serves on
             log.error("model %s: load failed: %r; retrying in %.0f s", model, exc, FAILED_RETRY_S)
             await pool.stop()

@@ -19,6 +19,7 @@ from ray.exceptions import RayError
 from manager.batcher import Batcher, LatencyModel, Reason
 from manager.dispatcher import Replica, ReplicaPool
 from manager.metrics import Metrics
+from manager.profiles import latency_model
 from manager.registry import Registry
 from manager.resilience import retrying
 from manager.results import BatchInfo, Finished, ResultWriter, error, success
@@ -26,6 +27,7 @@ from manager.settings import ManagerSettings
 from manager.stats import RollingStats
 from producer import keys
 from producer.wire import BadEntry, ErrorCode, Request, now_ms, parse_request
+from workers.curve import Profile
 from workers.spec import ModelSpec
 
 __all__ = ["ModelPipeline"]
@@ -65,6 +67,13 @@ class ModelPipeline:
         self.registry = registry
         self.refused = 0
         self._running: set[asyncio.Task[None]] = set()  # batch tasks of this model
+
+    def apply_profile(self, profile: Profile | None) -> None:
+        """Serve with a measured profile: b* (never above max_batch) as the cap, its latency curve."""
+        if profile is None:
+            return
+        self.batcher.latency = latency_model(profile)
+        self.batcher.cap = max(1, min(profile.best_batch, self.spec.max_batch))
 
     def wake(self) -> None:
         """Make the batch loop look again (new work, a free slot, or shutdown)."""

@@ -32,7 +32,7 @@ from manager.janitor import Janitor
 from manager.loader import Loader
 from manager.metrics import Metrics, MetricsServer
 from manager.pipeline import ModelPipeline
-from manager.profiles import ProfileRecord, ensure_profile, latency_model, profile_key
+from manager.profiles import ProfileRecord, ensure_profile, profile_key
 from manager.registry import Registry
 from manager.resilience import forever
 from manager.settings import ManagerSettings
@@ -125,10 +125,8 @@ class Manager:
         for spec in self.config.models:
             record = self.profiles[spec.id]
             pipeline = ModelPipeline(spec, client=self._redis, pool=self._pools[spec.id], settings=settings,
-                                     spawn=self._spawn, registry=self.registry, metrics=self.metrics,
-                                     latency=latency_model(record.profile) if record is not None else None)
-            if record is not None:
-                pipeline.batcher.cap = max(1, min(record.profile.best_batch, spec.max_batch))
+                                     spawn=self._spawn, registry=self.registry, metrics=self.metrics)
+            pipeline.apply_profile(record.profile if record is not None else None)
             self.pipelines[spec.id] = pipeline
             await pipeline.ensure_group()
         await self._publish_served()  # before reading: other managers must not answer unknown_model
@@ -236,9 +234,7 @@ class Manager:
         record = await ensure_profile(self._client(), pool.spec, pool, measure=True,
                                       options=ProfileOptions(memory_limit_bytes=self.settings.profile_memory_limit_bytes))
         self.profiles[model] = record
-        if record is not None:
-            pipeline.batcher.latency = latency_model(record.profile)
-            pipeline.batcher.cap = max(1, min(record.profile.best_batch, pool.spec.max_batch))
+        pipeline.apply_profile(record.profile if record is not None else None)
         return {**self._describe(model), "profile": record.profile.to_dict() if record is not None else None}
 
     # -- internals --------------------------------------------------------------------------
