@@ -34,6 +34,8 @@ def collect(client: redis.Redis) -> dict[str, Any]:
             for name in ("mean_batch", "p50_ms", "p99_ms", "replicas"):
                 if name in figures:
                     row[name] = max(row.get(name, 0), figures[name])
+            if figures.get("compile_problem"):
+                row["compile_problem"] = figures["compile_problem"]
         for model in beat.get("models", []):
             models.setdefault(model, {"model": model, "managers": [beat["consumer"]], "req_per_s": 0.0, "served": 0})
     registry: dict[str, dict[str, Any]] = {}
@@ -76,6 +78,9 @@ def render(view: dict[str, Any]) -> str:
             f"{row.get('p50_ms', 0):>9.1f}{row.get('p99_ms', 0):>9.1f}{row.get('resident_mib', 0):>8.1f}"
             f"  {','.join(row['managers'])}"
         )
+    for row in view["models"]:
+        if row.get("compile_problem"):
+            lines.append(f"{row['model']}: {row['compile_problem']}")
     for device in view.get("devices", []):
         lines.append(f"device {device['device']}: {device['used_mib']:.1f} of {device['budget_mib']:.1f} MiB used")
     alive = ", ".join(f"{m['consumer']} ({m.get('state', '?')}, pid {m.get('pid')})" for m in view["managers"])
