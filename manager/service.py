@@ -332,8 +332,23 @@ class Manager:
                 if self.registry is not None:
                     await self.registry.record_error(model, problem)
 
+    async def _publish_admission(self) -> None:
+        """Each model's backlog limit for the enqueue scripts, with a retry-after hint: the time
+        this manager needs to drain a tenth of the limit at its measured rate (50 ms to 10 s)."""
+        pipe = self._client().pipeline(transaction=False)
+        for model, pipeline in self.pipelines.items():
+            limit = pipeline.spec.max_backlog
+            if limit is None:
+                pipe.delete(keys.admission(model))
+                continue
+            rate = pipeline.stats.snapshot()["req_per_s"]
+            retry_ms = 1000 if rate <= 0 else min(10_000, max(50, int(1000 * limit * 0.1 / rate)))
+            pipe.hset(keys.admission(model), mapping={"max_backlog": limit, "retry_after_ms": retry_ms})
+        await pipe.execute()
+
     async def _publish_served(self) -> None:
         """Record the models this manager serves, each until its heartbeat would lapse."""
+        await self._publish_admission()
         expires = now_ms() + self.settings.heartbeat_ttl_s * 1000
         await self._client().hset(keys.registry("served"), mapping=dict.fromkeys(self.pipelines, expires))  # type: ignore[misc]
 

@@ -81,7 +81,7 @@ for i = 0, room - 1 do
   fields[4] = ARGV[first + 2 * i + 1]
   redis.call('XADD', KEYS[1], '*', unpack(fields))
 end
-return {room, depth, retry}
+return {room, depth + room, retry}
 """
 #: requests per script call: bounds how long one call holds Redis
 ENQUEUE_CHUNK: Final = 1000

@@ -30,7 +30,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # default, so a spec that does not use them keeps the fingerprint (and the profiles) it had
 _FINGERPRINT_IF_SET = {"compile": "eager", "compile_mode": None}
 # where compiled artifacts live does not change the model: never part of the fingerprint
-_NOT_FINGERPRINTED = ("compile_cache_dir",)
+_NOT_FINGERPRINTED = ("compile_cache_dir", "max_backlog")
 
 
 class ConfigError(NosqError, ValueError):
@@ -53,6 +53,7 @@ class ModelSpec(BaseModel):
     num_cpus: float = Field(default=1.0, ge=0)
     threads: int | None = Field(default=None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
+    max_backlog: int | None = Field(default=None, ge=1)  # entries waiting before producers get QueueFull
     # eager, torch.jit.trace per batch bucket, or torch.compile (``workers.compiling``)
     compile: Literal["eager", "trace", "compile"] = "eager"
     compile_mode: str | None = None  # torch.compile's mode; only with compile = "compile"
