@@ -78,8 +78,9 @@ class Batcher:
     """The requests read for one model and not yet dispatched."""
 
     def __init__(self, *, cap: int, max_wait_ms: float, latency: LatencyModel,
-                 aging_ms: float = DEFAULT_AGING_MS) -> None:
+                 aging_ms: float = DEFAULT_AGING_MS, max_bytes: int | None = None) -> None:
         self.cap = cap
+        self.max_bytes = max_bytes  # payload bytes one batch may carry (at least one request)
         self.max_wait_ms = max_wait_ms
         self.latency = latency
         self.aging_ms = aging_ms
@@ -156,8 +157,20 @@ class Batcher:
         low-priority request climbs one level every ``aging_ms``, so it never starves)."""
         mixed = sum(1 for n in self._by_priority if n) > 1
         batch = self._take_ranked(now_ms) if mixed else self._take()
+        if self.max_bytes is not None:
+            batch = self._within_bytes(batch)
         for request in batch:
             self._count(request, -1)
+        return batch
+
+    def _within_bytes(self, batch: list[Request]) -> list[Request]:
+        """Cut the batch where its payloads pass ``max_bytes``; the rest goes back to the front."""
+        total = 0
+        for index, request in enumerate(batch):
+            total += len(request.payload)
+            if index and total > (self.max_bytes or 0):
+                self._queue.extendleft(reversed(batch[index:]))
+                return batch[:index]
         return batch
 
     def _take_ranked(self, now_ms: int | None) -> list[Request]:

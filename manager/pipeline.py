@@ -49,7 +49,8 @@ class ModelPipeline:
         self._pool = pool
         self._settings = settings
         self._spawn = spawn
-        self.batcher = Batcher(cap=spec.max_batch, max_wait_ms=spec.max_wait_ms, latency=latency or LatencyModel())
+        self.batcher = Batcher(cap=spec.max_batch, max_wait_ms=spec.max_wait_ms, latency=latency or LatencyModel(),
+                               max_bytes=settings.max_batch_bytes)
         self.writer = ResultWriter(client, model=spec.id, reply_maxlen=settings.reply_maxlen,
                                    retry_s=settings.reconnect_s)
         self.metrics = metrics or Metrics()
@@ -167,10 +168,11 @@ class ModelPipeline:
                 continue
             request.read_ms = now
             request.deliveries = deliveries
-            if len(request.payload) > self._settings.max_payload_bytes:
+            limit = min(self._settings.max_payload_bytes, self._settings.max_batch_bytes)
+            if len(request.payload) > limit:
                 finished.append(error(model, request, ErrorCode.TOO_LARGE,
-                                      f"payload of {len(request.payload)} bytes is over the limit of "
-                                      f"{self._settings.max_payload_bytes} bytes"))
+                                      f"payload of {len(request.payload)} bytes is over the limit of {limit} bytes "
+                                      "(max_payload_bytes / max_batch_bytes): send smaller inputs"))
             elif self.batcher.hopeless(request, now):
                 finished.append(error(model, request, ErrorCode.DEADLINE_EXCEEDED,
                                       _deadline_message(request, now, self.batcher.latency.predict(1))))

@@ -74,3 +74,14 @@ def test_expire_and_drain_keep_the_counts_right() -> None:
     b.add(req(2, 1, 11))
     assert [r.id for r in b.drain_all()] == ["r2"]
     assert len(b) == 0
+
+
+def test_a_batch_stops_at_its_byte_budget_and_keeps_the_rest_in_order() -> None:
+    b = Batcher(cap=8, max_wait_ms=5, latency=LatencyModel(), max_bytes=250)
+    for n in range(5):
+        b.add(Request(id=f"r{n}", ct="msgpack", payload=b"x" * 100, read_ms=n))
+    assert [r.id for r in b.take(now_ms=10)] == ["r0", "r1"]
+    assert [r.id for r in b.take(now_ms=10)] == ["r2", "r3"]
+    assert [r.id for r in b.take(now_ms=10)] == ["r4"]
+    b.add(Request(id="big", ct="msgpack", payload=b"x" * 400, read_ms=11))
+    assert [r.id for r in b.take(now_ms=12)] == ["big"]  # one request always leaves (admit refuses oversize)
