@@ -45,6 +45,9 @@ class ReplicaPool:
         self._slots = inflight_per_replica
         self._attempts = dispatch_attempts
         self.replicas: list[Replica] = []
+        #: Ray's num_gpus per actor: measured bytes over the GPU's bytes, rounded up, never 0
+        #: (set by the loader from the profile; a whole GPU when nothing is known)
+        self.gpu_share = 1.0
 
     async def start(self, replicas: int | None = None) -> None:
         """Start the actors and wait until each has built its model."""
@@ -68,7 +71,7 @@ class ReplicaPool:
         )
         return {
             "num_cpus": self.spec.num_cpus,
-            "num_gpus": 1 if wants_gpu else 0,  # fractional placement: registry (issue 5)
+            "num_gpus": self.gpu_share if wants_gpu else 0,
             "max_restarts": -1,
             "max_task_retries": 0,
             "max_concurrency": 1,

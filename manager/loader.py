@@ -178,6 +178,16 @@ class Loader:
         self._busy.add(model)
         await self._load(model, stop)
 
+    async def _share_gpu(self, model: str, device: str, nbytes: int) -> None:
+        """Each replica asks Ray for its measured share of the GPU (manager.placement)."""
+        pool = self._pools[model]
+        for row in await self.registry.devices(self._settings.node):
+            if row["device"] == device and int(row["budget_bytes"]) > 0:
+                per_replica = nbytes // max(1, pool.spec.replicas)
+                pool.gpu_share = placement.gpu_fraction(per_replica, int(row["budget_bytes"]))
+                log.info("model %s: %.2f of a GPU per replica (%d MiB of %d MiB)", model, pool.gpu_share,
+                         per_replica >> 20, int(row["budget_bytes"]) >> 20)
+
     async def _load(self, model: str, stop: asyncio.Event) -> None:
         try:
             await self._load_when_room(model, stop)
@@ -189,6 +199,8 @@ class Loader:
         node = self._settings.node
         nbytes = await model_bytes(self._redis, spec, CPU_DEVICE, self._settings.default_model_bytes)
         device = await self.device_for(spec, nbytes)
+        if device != CPU_DEVICE:
+            await self._share_gpu(model, device, nbytes)
         while not stop.is_set():
             reservation = await self.registry.reserve(model, node=node, device=device, nbytes=nbytes)
             if reservation.outcome is Outcome.RESERVED:
