@@ -32,6 +32,7 @@ import redis
 from manager.demo import start_manager, stop_manager
 from producer import NosqError, Producer, RedisSettings, keys
 from producer.wire import decode_envelope
+from tests.manager.harness import results
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/7"  # db 7: the chaos/fuzz tier's own
@@ -297,16 +298,6 @@ class Load:
         finally:  # not producer.close(): it deletes the reply stream, which the accounting reads
             if producer._redis is not None:
                 producer._redis.close()
-
-
-def results(db: redis.Redis, ids: list[str]) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    for start in range(0, len(ids), 1000):
-        chunk = ids[start:start + 1000]
-        for rid, data in zip(chunk, db.mget([keys.result(r) for r in chunk]), strict=True):
-            if data is not None:
-                found[rid] = data
-    return found
 
 
 def wait_results(db: redis.Redis, ids: list[str], timeout_s: float, alive: Any = None) -> dict[str, bytes]:

@@ -135,3 +135,14 @@ async def stream_is_drained(client: redis.asyncio.Redis, model: str) -> tuple[in
     except redis.ResponseError:  # no group: nothing can be pending
         return length, 0
     return length, int(pending["pending"])
+
+
+def results(db: redis.Redis, ids: list[str]) -> dict[str, bytes]:
+    """The result envelopes that exist for ``ids`` (read 1,000 keys at a time)."""
+    found: dict[str, bytes] = {}
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start:start + 1000]
+        for rid, data in zip(chunk, db.mget([keys.result(r) for r in chunk]), strict=True):
+            if data is not None:
+                found[rid] = data
+    return found

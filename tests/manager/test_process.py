@@ -22,7 +22,7 @@ import redis
 from manager.demo import start_manager, stop_manager
 from producer import NosqError, Producer, keys
 from producer.wire import decode_envelope
-from tests.manager.harness import redis_settings
+from tests.manager.harness import redis_settings, results
 from tests.manager.models import read_record
 
 pytestmark = [pytest.mark.integration]
@@ -95,16 +95,6 @@ def assert_ray_gone(pid: int, timeout_s: float = 15.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(straggler, signal.SIGKILL)
     assert not left, f"the Ray of manager pid {pid} left {len(left)} process(es) behind: {left}"
-
-
-def results(db: redis.Redis, ids: list[str]) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    for start in range(0, len(ids), 1000):
-        chunk = ids[start:start + 1000]
-        for rid, data in zip(chunk, db.mget([keys.result(r) for r in chunk]), strict=True):
-            if data is not None:
-                found[rid] = data
-    return found
 
 
 def pending(db: redis.Redis, model: str) -> int:
