@@ -24,6 +24,8 @@ __all__ = ["Replica", "ReplicaPool"]
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
+# Ray's switch that leaves CUDA_VISIBLE_DEVICES alone in an actor (ray._private.accelerators.nvidia_gpu)
+_NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
 
 @dataclass(slots=True)
@@ -48,13 +50,17 @@ class ReplicaPool:
         #: Ray's num_gpus per actor: measured bytes over the GPU's bytes, rounded up, never 0
         #: (set by the loader from the profile; a whole GPU when nothing is known)
         self.gpu_share = 1.0
+        #: the GPU the registry placed this model on ("cuda:<index>", set by the loader): the
+        #: actors see every GPU of the node and use this one (None: Ray's choice of GPU)
+        self.device: str | None = None
 
     async def start(self, replicas: int | None = None) -> None:
         """Start the actors and wait until each has built its model."""
         count = replicas or self.spec.replicas
         cls = ray.remote(ModelWorker)
         new = [
-            Replica(index=len(self.replicas) + i, actor=cls.options(**self._actor_options()).remote(self.spec))
+            Replica(index=len(self.replicas) + i,
+                    actor=cls.options(**self._actor_options()).remote(self.spec, device=self.device))
             for i in range(count)
         ]
         infos = await asyncio.wait_for(
@@ -69,7 +75,7 @@ class ReplicaPool:
         wants_gpu = self.spec.device == "cuda" or (
             self.spec.device == "auto" and _cluster_gpus() > 0
         )
-        return {
+        options: dict[str, Any] = {
             "num_cpus": self.spec.num_cpus,
             "num_gpus": self.gpu_share if wants_gpu else 0,
             "max_restarts": -1,
@@ -77,6 +83,10 @@ class ReplicaPool:
             "max_concurrency": 1,
             "name": None,
         }
+        if wants_gpu and self.device is not None:
+            # Ray still counts num_gpus against the node's GPUs; which card is the registry's call
+            options["runtime_env"] = {"env_vars": {_NOSET_CUDA_VISIBLE_DEVICES: "1"}}
+        return options
 
     async def scale_to(self, replicas: int) -> None:
         """Add replicas, or retire the newest: no new batch goes to them, the running ones finish."""

@@ -28,9 +28,11 @@ fingerprint): ``(weights_bytes + memory_bytes at b*) x replicas``; with none sto
 ``default_model_bytes x replicas``. The reservation keeps the bytes it was made with: a profile
 measured after the load counts from the next load on.
 
-Placement is CPU only here: GPU budgets (total less ``gpu_reserve_bytes``) are set when the
-manager's process sees CUDA and GPU models are reserved on the first GPU with room, but actors
-still ask Ray for a whole GPU (fractional ``num_gpus`` from ``manager.placement`` is not wired).
+GPU placement: when the manager's process sees CUDA, each GPU of the node gets a budget (its
+total less ``gpu_reserve_bytes``). A GPU model's bytes come from its profile on that card kind;
+it is reserved on the first GPU with room (first fit, ``manager.placement``), so models pack
+across the GPUs of the node. Its actors ask Ray for their measured share of a GPU (``num_gpus``
+= bytes over the GPU's budget, rounded up, never 0) and run on the registry's GPU (``cuda:<i>``).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class Loader:
         self._busy: set[str] = set()  # a load or a drain under way
         self._loops: dict[str, list[asyncio.Task[None]]] = {}
         self._retry_at: dict[str, float] = {}
+        self._gpu_kind: str | None = None  # the profile device kind of this node's GPUs
         self.loads: list[str] = []  # models loaded here, in order (tests, logs)
         self.evictions: list[str] = []  # models drained and killed here, in order
 
@@ -113,6 +116,7 @@ class Loader:
             import torch  # only where GPUs are: the manager itself runs no model
 
             if torch.cuda.is_available():
+                self._gpu_kind = f"cuda:{torch.cuda.get_device_name(0)}"  # workers.profiler.device_kind
                 for i in range(torch.cuda.device_count()):
                     total = torch.cuda.get_device_properties(i).total_memory
                     await self.registry.set_budget(settings.node, f"cuda:{i}",
@@ -156,9 +160,12 @@ class Loader:
 
     # -- loading ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def wants_gpu(spec: ModelSpec) -> bool:
+        return spec.device == "cuda" or (spec.device == "auto" and _cluster_gpus() > 0)
+
     async def device_for(self, spec: ModelSpec, nbytes: int) -> str:
-        wants_gpu = spec.device == "cuda" or (spec.device == "auto" and _cluster_gpus() > 0)
-        if not wants_gpu:
+        if not self.wants_gpu(spec):
             return CPU_DEVICE
         gpus = [d for d in await self.registry.devices(self._settings.node) if d["device"].startswith("cuda")]
         if not gpus:
@@ -197,10 +204,12 @@ class Loader:
     async def _load_when_room(self, model: str, stop: asyncio.Event) -> None:
         spec = self._pools[model].spec
         node = self._settings.node
-        nbytes = await model_bytes(self._redis, spec, CPU_DEVICE, self._settings.default_model_bytes)
+        kind = (self._gpu_kind or "cuda") if self.wants_gpu(spec) else CPU_DEVICE
+        nbytes = await model_bytes(self._redis, spec, kind, self._settings.default_model_bytes)
         device = await self.device_for(spec, nbytes)
         if device != CPU_DEVICE:
             await self._share_gpu(model, device, nbytes)
+            self._pools[model].device = device
         while not stop.is_set():
             reservation = await self.registry.reserve(model, node=node, device=device, nbytes=nbytes)
             if reservation.outcome is Outcome.RESERVED:

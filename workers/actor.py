@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 import resource
 import sys
 import time
@@ -40,6 +41,7 @@ from workers.spec import ModelSpec
 __all__ = ["BatchResult", "ItemResult", "ModelLoadError", "ModelWorker"]
 
 _MAX_MESSAGE_CHARS = 1000
+_CUDA_INDEX_RE = re.compile(r"cuda:\d{1,3}", re.ASCII)
 
 
 class ModelLoadError(NosqError):
@@ -67,8 +69,9 @@ class BatchResult:
 class ModelWorker:
     """Builds ``spec``'s model on its device and runs batches of encoded inputs through it.
 
-    ``device`` ("cpu", "cuda" or "auto") overrides the spec's device preference (``nosq profile
-    --device``); the spec, and so its fingerprint, stay as configured."""
+    ``device`` ("cpu", "cuda", "cuda:<index>" or "auto") overrides the spec's device preference
+    (``nosq profile --device``; the loader's GPU placement, which starts the actor seeing every GPU
+    of its node); the spec, and so its fingerprint, stay as configured."""
 
     def __init__(self, spec: ModelSpec, *, device: str | None = None) -> None:
         self.spec = spec
@@ -290,14 +293,19 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 def _resolve_device(spec: ModelSpec, preference: str) -> torch.device:
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if preference not in ("cpu", "cuda"):
-        raise ModelLoadError(f"model {spec.id!r}: device must be 'cpu', 'cuda' or 'auto', got {preference!r}")
-    if preference == "cuda" and not torch.cuda.is_available():
+    if preference not in ("cpu", "cuda") and not _CUDA_INDEX_RE.fullmatch(preference):
+        raise ModelLoadError(f"model {spec.id!r}: device must be 'cpu', 'cuda', 'cuda:<index>' or 'auto', "
+                             f"got {preference!r}")
+    if preference.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(
-            f"model {spec.id!r} asks for device 'cuda' but this process sees no CUDA device: "
+            f"model {spec.id!r} asks for device {preference!r} but this process sees no CUDA device: "
             "use device 'auto' or 'cpu', or give the actor a GPU (num_gpus)"
         )
-    return torch.device(preference)
+    device = torch.device(preference)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"model {spec.id!r} was placed on {preference} but this process sees "
+                             f"{torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def _import_factory(spec: ModelSpec) -> Callable[..., Any]:

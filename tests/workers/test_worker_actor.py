@@ -246,3 +246,17 @@ def test_load_errors(factory: str, fields: dict[str, Any], match: str) -> None:
 def test_cuda_requested_without_cuda() -> None:
     with pytest.raises(ModelLoadError, match="no CUDA device"):
         ModelWorker(ModelSpec(id="t", factory="workers.demo:noop", device="cuda"))
+
+
+@pytest.mark.parametrize(("device", "match"), [("gpu", "must be 'cpu', 'cuda', 'cuda:<index>' or 'auto'"),
+                                                ("cuda:x", "must be 'cpu'"), ("cuda:1234", "must be 'cpu'")])
+def test_bad_device_names(device: str, match: str) -> None:
+    with pytest.raises(ModelLoadError, match=match):
+        ModelWorker(ModelSpec(id="t", factory="workers.demo:noop"), device=device)
+
+
+def test_placed_gpu_must_exist() -> None:
+    """The loader's placement (``cuda:<index>``) names a GPU this process must see."""
+    beyond = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ModelLoadError, match="no CUDA device" if not torch.cuda.is_available() else "GPU"):
+        ModelWorker(ModelSpec(id="t", factory="workers.demo:noop"), device=beyond)
