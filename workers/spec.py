@@ -30,7 +30,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # default, so a spec that does not use them keeps the fingerprint (and the profiles) it had
 _FINGERPRINT_IF_SET = {"compile": "eager", "compile_mode": None}
 # where compiled artifacts live does not change the model: never part of the fingerprint
-_NOT_FINGERPRINTED = ("compile_cache_dir", "max_backlog")
+_NOT_FINGERPRINTED = ("compile_cache_dir", "max_backlog", "min_replicas", "max_replicas", "scale_up_delay_s",
+                      "scale_down_delay_s", "scale_target_wait_s")
 
 
 class ConfigError(NosqError, ValueError):
@@ -58,6 +59,13 @@ class ModelSpec(BaseModel):
     compile: Literal["eager", "trace", "compile"] = "eager"
     compile_mode: str | None = None  # torch.compile's mode; only with compile = "compile"
     compile_cache_dir: str | None = None  # default: ~/.cache/nosq/compile
+    # autoscaling (manager.autoscaler): on when max_replicas > min_replicas; both default to replicas.
+    # min_replicas = 0 (scale to zero) unloads the model when idle: it needs on-demand loading
+    min_replicas: int | None = Field(default=None, ge=0)
+    max_replicas: int | None = Field(default=None, ge=1)
+    scale_up_delay_s: float = Field(default=5.0, ge=0)  # how long more replicas must be wanted before adding
+    scale_down_delay_s: float = Field(default=30.0, ge=0)  # how long fewer must do before retiring
+    scale_target_wait_s: float = Field(default=1.0, gt=0)  # the backlog should drain within this
 
     @field_validator("factory")
     @classmethod
@@ -108,6 +116,21 @@ class ModelSpec(BaseModel):
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         return self
+
+    @model_validator(mode="after")
+    def _check_replica_bounds(self) -> ModelSpec:
+        low, high = self.replica_bounds
+        if not low <= self.replicas <= high:
+            raise ValueError(f"min_replicas <= replicas <= max_replicas must hold, got {low} <= {self.replicas} <= "
+                             f"{high} (a bound left out defaults to replicas, the count the model starts with)")
+        return self
+
+    @property
+    def replica_bounds(self) -> tuple[int, int]:
+        """(min, max) replicas the autoscaler keeps; each defaults to ``replicas``. Equal: no autoscaling."""
+        low = self.replicas if self.min_replicas is None else self.min_replicas
+        high = self.replicas if self.max_replicas is None else self.max_replicas
+        return low, high
 
     def fingerprint(self) -> str:
         """First 16 hex chars of the sha256 of this spec's canonical JSON (sorted keys).
