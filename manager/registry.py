@@ -46,6 +46,9 @@ One ``Registry(client, owner=consumer, policy=settings_name)`` per manager proce
   for the cost policy, ``reap_dead_owners()``, and kill local actors of any model that
   ``snapshot(owner=me)`` no longer lists as ours and counted (reaped after a stall).
 - stop: ``release_all()`` after killing its actors.
+- scaling a READY model (autoscaler, ``nosq models scale``): ``resize(model, replicas)`` before
+  starting replicas (refused, never evicting, when the budget has no room) and after killing
+  them; its bytes are bytes-per-replica x replicas.
 - ``record_error(model, message)`` for a non-fatal problem (e.g. compile fallback);
   ``snapshot()`` and ``devices()`` feed ``nosq models``; ``audit()`` checks the invariants.
 
@@ -94,6 +97,7 @@ __all__ = [
     "RegistryError",
     "Reservation",
     "ReservationLost",
+    "Resize",
     "Victim",
     "parse_event",
 ]
@@ -149,6 +153,15 @@ class Reservation:
     node: str = ""
     device: str = ""
     state: ModelState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resize:
+    """What ``resize`` did: ``ok`` and the model's bytes now, or ``reason`` it was refused."""
+
+    ok: bool
+    nbytes: int
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +323,22 @@ redis.call('HSET', KEYS[1], 'last_error', ARGV[1], 'error_at', int(now_ms()))
 return 1
 """
 
+# KEYS: model hash.  ARGV: owner, replicas, device prefix
+# a READY model of ``owner`` counts bytes/replicas per replica; growing must fit the device's budget
+_RESIZE = _LUA_COMMON + """
+local f = redis.call('HMGET', KEYS[1], 'state', 'owner', 'node', 'device', 'bytes', 'replicas')
+if f[1] ~= 'ready' or f[2] ~= ARGV[1] then return {'not_ready', f[1] or 'absent', f[2] or ''} end
+local old, n = num(f[5]), tonumber(ARGV[2])
+local new = math.floor(old / math.max(1, num(f[6]))) * n
+local dkey = ARGV[3] .. f[3] .. '/' .. f[4]
+local d = redis.call('HMGET', dkey, 'budget_bytes', 'used_bytes')
+local free = num(d[1]) - num(d[2])
+if new > old and new - old > free then return {'no_room', int(new - old), int(free)} end
+redis.call('HINCRBY', dkey, 'used_bytes', int(new - old))
+redis.call('HSET', KEYS[1], 'bytes', int(new), 'replicas', ARGV[2])
+return {'ok', int(new)}
+"""
+
 # KEYS: devices set.  ARGV: model, device, resident prefixes.  Read-only.
 _AUDIT = _LUA_COMMON + """
 local out = {}
@@ -353,6 +382,7 @@ class Registry:
         self._release_owner = client.register_script(_RELEASE_OWNER)
         self._record_error = client.register_script(_RECORD_ERROR)
         self._audit = client.register_script(_AUDIT)
+        self._resize = client.register_script(_RESIZE)
 
     # -- budget and reservation -----------------------------------------------------------------
 
@@ -482,6 +512,22 @@ class Registry:
             for model, backlog in backlogs.items():
                 pipe.hset(_MODEL + model, "backlog", str(max(0, int(backlog))))
             await pipe.execute()
+
+    async def resize(self, model: str, replicas: int) -> Resize:
+        """A READY model of ours now has ``replicas``: its bytes become bytes-per-replica x
+        ``replicas``, atomically against the device's budget. Growing is refused (``ok`` False,
+        ``reason`` says why) when the budget has no room: it never evicts; shrink after the
+        actors are killed, grow before starting them."""
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas} for model {model!r}: release it instead")
+        reply = await _run(self._resize, [_MODEL + model], [self.owner, replicas, _DEVICE])
+        tag, rest = _s(reply[0]), [_s(v) for v in reply[1:]]
+        if tag == "ok":
+            return Resize(ok=True, nbytes=int(rest[0]))
+        if tag == "no_room":
+            return Resize(ok=False, nbytes=0, reason=f"budget: {replicas} replica(s) need {rest[0]} more bytes, "
+                                                     f"{rest[1]} free on the device")
+        return Resize(ok=False, nbytes=0, reason=f"model is {rest[0]} (owner {rest[1] or 'nobody'}), not ready here")
 
     async def record_error(self, model: str, message: str) -> None:
         """Keep a non-fatal problem (e.g. a compile fallback) for ``nosq models``."""
