@@ -8,7 +8,7 @@
 Starts its own manager (``nosq serve`` as a subprocess, Ray on loopback) against the Redis
 given by ``--redis-url`` (a dedicated db is flushed first), prints a table and writes JSON.
 
-    python benchmarks/e2e.py --out benchmarks/results/e2e.json
+    python -m benchmarks.e2e --out benchmarks/results/e2e.json
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.support import closed_loop_throughput
 from manager.demo import start_manager, stop_manager
 from producer.aio import AsyncProducer
 from producer.settings import RedisSettings
@@ -49,39 +49,6 @@ max_wait_ms = 5.0
 num_cpus = 0.5
 threads = {mlp_threads}
 """
-
-
-async def _closed_loop(url: str, model: str, shape: tuple[int, ...], seconds: float, window: int,  # noqa: PLR0917
-                       chunk: int) -> tuple[int, float]:
-    """Keep ``window`` requests in flight, submitted ``chunk`` at a time; return (done, elapsed)."""
-    x = np.ones(shape, dtype=np.float32)
-    done = 0
-    async with AsyncProducer(RedisSettings(url=url)) as producer:
-        started = time.perf_counter()
-        stop_at = started + seconds
-        inflight: set[asyncio.Task[list[Any]]] = set()
-        while time.perf_counter() < stop_at or inflight:
-            while time.perf_counter() < stop_at and len(inflight) * chunk < window:
-                handles = await producer.submit_many(model, [x] * chunk)
-                inflight.add(asyncio.ensure_future(producer.gather(handles, timeout_s=60)))
-            finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                done += len(task.result())
-        return done, time.perf_counter() - started
-
-
-def _producer_process(args: tuple[str, str, tuple[int, ...], float, int, int]) -> tuple[int, float]:
-    return asyncio.run(_closed_loop(*args))
-
-
-def throughput(url: str, model: str, shape: tuple[int, ...], *, processes: int, seconds: float,
-               window: int, chunk: int) -> float:
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(processes) as pool:
-        results = pool.map(_producer_process, [(url, model, shape, seconds, window, chunk)] * processes)
-    done = sum(r[0] for r in results)
-    elapsed = max(r[1] for r in results)
-    return done / elapsed
 
 
 async def _latency(url: str, n: int) -> dict[str, float]:
@@ -140,9 +107,9 @@ def main() -> int:
     figures: dict[str, Any] = {"machine": "2-core CPU, no GPU", "args": {k: str(v) for k, v in vars(args).items()}}
     try:
         figures["noop_latency"] = asyncio.run(_latency(args.redis_url, args.latency_n))
-        figures["noop_req_per_s"] = throughput(args.redis_url, "noop", (8,), processes=args.producers,
+        figures["noop_req_per_s"] = closed_loop_throughput(args.redis_url, "noop", (8,), processes=args.producers,
                                                seconds=args.seconds, window=2048, chunk=256)
-        figures["mlp_req_per_s"] = throughput(args.redis_url, "mlp", (512,), processes=1,
+        figures["mlp_req_per_s"] = closed_loop_throughput(args.redis_url, "mlp", (512,), processes=1,
                                               seconds=args.seconds, window=4 * args.mlp_batch, chunk=args.mlp_batch)
     finally:
         status = stop_manager(process)

@@ -39,14 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nosq", description="Serve PyTorch models from Redis streams: batched, crash-safe, on Ray.",
-        parents=[_common_options(with_defaults=True)],
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    common = _common_options(with_defaults=False)  # also accepted after the subcommand
-
+def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", parents=[common], help="run a manager: read request streams, batch, run models")
     serve.add_argument("--config", type=Path, default=None,
                        help="TOML or YAML model list (default: the four built-in demo models)")
@@ -60,12 +53,26 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: no budget, every model loaded at start)")
     serve.add_argument("--gpu-reserve-mib", type=float, default=None,
                        help="GPU memory kept free (a GPU's budget is its total less this; default 1024)")
+    serve.add_argument("--gpu-overhead-mib", type=float, default=None,
+                       help="GPU memory each GPU actor takes beyond its model's measured bytes (CUDA context, "
+                            "allocator slack), counted in the GPU budget (default 512)")
     serve.add_argument("--eviction-policy", choices=["fifo", "lru", "lfu", "cost"], default=None,
                        help="which loaded model leaves first when one must load and does not fit (default fifo)")
     serve.add_argument("--metrics-port", type=int, default=9108,
                        help="port of /metrics and /healthz on 127.0.0.1 (default: %(default)s; -1: none)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics server")
     serve.set_defaults(handler=_serve)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nosq", description="Serve PyTorch models from Redis streams: batched, crash-safe, on Ray.",
+        parents=[_common_options(with_defaults=True)],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common_options(with_defaults=False)  # also accepted after the subcommand
+
+    _add_serve(sub, common)
 
     status = sub.add_parser("status", parents=[common],
                             help="live view of managers and models: replicas, backlog, req/s, batch, p50/p99")
@@ -176,6 +183,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["cpu_budget_bytes"] = int(args.cpu_budget_mib * 1024 * 1024)
     if args.gpu_reserve_mib is not None:
         overrides["gpu_reserve_bytes"] = int(args.gpu_reserve_mib * 1024 * 1024)
+    if args.gpu_overhead_mib is not None:
+        overrides["gpu_overhead_bytes"] = int(args.gpu_overhead_mib * 1024 * 1024)
     if args.eviction_policy:
         overrides["eviction_policy"] = args.eviction_policy
     if args.metrics_port >= 0:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -38,11 +39,13 @@ DEMO_INPUTS: dict[str, tuple[int, ...]] = {
 START_TIMEOUT_S = 120.0
 
 
-def start_manager(settings: RedisSettings, *args: str, consumer: str = "demo") -> subprocess.Popen[bytes]:
-    """Start ``nosq serve`` and wait until its heartbeat says it is running."""
+def start_manager(settings: RedisSettings, *args: str, consumer: str = "demo",
+                  env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``nosq serve`` and wait until its heartbeat says it is running. ``env`` adds to
+    this process's environment (e.g. ``CUDA_VISIBLE_DEVICES`` for one manager per GPU)."""
     command = [sys.executable, "-m", "manager.cli", "--redis-url", settings.url, "serve", "--consumer", consumer,
                *args]
-    process = subprocess.Popen(command, start_new_session=True)
+    process = subprocess.Popen(command, start_new_session=True, env={**os.environ, **(env or {})})
     client = settings.client()
     deadline = time.monotonic() + START_TIMEOUT_S
     try:

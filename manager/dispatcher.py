@@ -168,6 +168,10 @@ class ReplicaPool:
                 await asyncio.sleep(0.2)  # Ray reports restarts only by failing calls
         raise TimeoutError(f"model {self.spec.id}: replica {replica.index} did not restart")
 
+    def placements(self) -> list[dict[str, Any]]:
+        """Where each replica runs, as its actor reported when it became ready: pid, device."""
+        return [{"pid": (r.info or {}).get("pid"), "device": (r.info or {}).get("device")} for r in self.replicas]
+
     async def refresh_info(self) -> None:
         """Ask every replica for its ``ready()`` info again (compile status, memory)."""
         infos = await asyncio.gather(*(r.actor.ready.remote() for r in self.replicas), return_exceptions=True)

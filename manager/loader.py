@@ -29,7 +29,8 @@ fingerprint): ``(weights_bytes + memory_bytes at b*) x replicas``; with none sto
 measured after the load counts from the next load on.
 
 GPU placement: when the manager's process sees CUDA, each GPU of the node gets a budget (its
-total less ``gpu_reserve_bytes``). A GPU model's bytes come from its profile on that card kind;
+total less ``gpu_reserve_bytes``). A GPU model's bytes come from its profile on that card kind, plus
+``gpu_overhead_bytes`` per replica (each actor's CUDA context and allocator slack);
 it is reserved on the first GPU with room (first fit, ``manager.placement``), so models pack
 across the GPUs of the node. Its actors ask Ray for their measured share of a GPU (``num_gpus``
 = bytes over the GPU's budget, rounded up, never 0) and run on the registry's GPU (``cuda:<i>``).
@@ -206,6 +207,8 @@ class Loader:
         node = self._settings.node
         kind = (self._gpu_kind or "cuda") if self.wants_gpu(spec) else CPU_DEVICE
         nbytes = await model_bytes(self._redis, spec, kind, self._settings.default_model_bytes)
+        if kind != CPU_DEVICE:
+            nbytes += self._settings.gpu_overhead_bytes * spec.replicas
         device = await self.device_for(spec, nbytes)
         if device != CPU_DEVICE:
             await self._share_gpu(model, device, nbytes)

@@ -266,7 +266,7 @@ class Manager:
 
     def _heartbeat_value(self) -> str:
         stats = {m: {**p.stats.snapshot(), "replicas": len(self._pools[m].replicas),
-                     "compile_problem": self._pools[m].compile_problem()}
+                     "actors": self._pools[m].placements(), "compile_problem": self._pools[m].compile_problem()}
                  for m, p in self.pipelines.items()}
         return json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(), "started": self._started_at,

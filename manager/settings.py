@@ -48,6 +48,9 @@ class ManagerSettings(BaseModel):
         "loaded at start (no registry). Set: models load on demand and are evicted by eviction_policy")
     gpu_reserve_bytes: int = Field(default=1024**3, ge=0,
                                    description="GPU memory kept free: a GPU's budget is its total less this")
+    gpu_overhead_bytes: int = Field(
+        default=512 * 1024**2, ge=0, description="GPU memory each GPU actor takes beyond its model's measured "
+        "bytes (its CUDA context and allocator slack), reserved with them")
     default_model_bytes: int = Field(
         default=256 * 1024**2, ge=0, description="bytes reserved per replica of a model with no stored profile")
     load_poll_ms: int = Field(default=250, ge=10,

@@ -1,0 +1,98 @@
+"""What several benchmarks share: a private Redis server, a free port, closed-loop load.
+
+A GPU machine has no Redis: ``--redis-server PATH`` starts one on a free loopback port for the
+run (nothing kept on disk) and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import redis
+
+from producer.aio import AsyncProducer
+from producer.settings import RedisSettings
+
+__all__ = ["closed_loop_throughput", "free_port", "redis_url"]
+
+START_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def redis_url(url: str, server: str | None) -> Iterator[str]:
+    """``url`` as it is, or, with ``server`` (a redis-server binary), a private server's URL."""
+    if server is None:
+        yield url
+        return
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="nosq-bench-redis-")
+    process = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                                "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+    private = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(private)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield private
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(10)
+
+
+async def _closed_loop(url: str, model: str, shape: tuple[int, ...], seconds: float, window: int,  # noqa: PLR0917
+                       chunk: int) -> tuple[int, float]:
+    """Keep ``window`` requests in flight, submitted ``chunk`` at a time; return (done, elapsed)."""
+    x = np.ones(shape, dtype=np.float32)
+    done = 0
+    async with AsyncProducer(RedisSettings(url=url)) as producer:
+        started = time.perf_counter()
+        stop_at = started + seconds
+        inflight: set[asyncio.Task[list[Any]]] = set()
+        while time.perf_counter() < stop_at or inflight:
+            while time.perf_counter() < stop_at and len(inflight) * chunk < window:
+                handles = await producer.submit_many(model, [x] * chunk)
+                inflight.add(asyncio.ensure_future(producer.gather(handles, timeout_s=120)))
+            finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                done += len(task.result())
+        return done, time.perf_counter() - started
+
+
+def _producer_process(args: tuple[str, str, tuple[int, ...], float, int, int]) -> tuple[int, float]:
+    return asyncio.run(_closed_loop(*args))
+
+
+def closed_loop_throughput(url: str, model: str, shape: tuple[int, ...], *, processes: int, seconds: float,
+                           window: int, chunk: int) -> float:
+    """Requests per second answered with ``processes`` producer processes, each keeping ``window``
+    requests in flight (submitted ``chunk`` at a time) for ``seconds``."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes) as pool:
+        results = pool.map(_producer_process, [(url, model, shape, seconds, window, chunk)] * processes)
+    done = sum(r[0] for r in results)
+    elapsed = max(r[1] for r in results)
+    return done / elapsed
