@@ -50,7 +50,8 @@ One ``Registry(client, owner=consumer, policy=settings_name)`` per manager proce
   starting replicas (refused, never evicting, when the budget has no room) and after killing
   them; its bytes are bytes-per-replica x replicas.
 - ``record_error(model, message)`` for a non-fatal problem (e.g. compile fallback);
-  ``snapshot()`` and ``devices()`` feed ``nosq models``; ``audit()`` checks the invariants.
+  ``snapshot()`` and ``devices()`` feed ``nosq models``; ``audit()`` checks the invariants;
+  ``evictions()`` reads the log of eviction decisions (what was chosen, from what).
 
 Events are published on ``EVENTS_CHANNEL`` as ``"<state> <model>"`` each time a model enters
 a state (``parse_event`` reads them), so waiting needs no polling.
@@ -65,6 +66,9 @@ Keys (all from ``producer.keys.registry``)::
     nosq:registry:resident:<node>/<device>    set: models counted on the device
     nosq:registry:models                      set: every model ever reserved
     nosq:registry:devices                     set: every <node>/<device> with a budget
+    nosq:registry:evictions                   stream: one entry per eviction decision (for, node,
+                                              device, policy, need, victims, candidates), the
+                                              last ~EVICTIONS_KEPT; ``evictions()`` reads it
 
 The scripts find a victim's hash and a model's device keys from these prefixes, i.e. keys not
 passed in ``KEYS``: fine on a single Redis, not on Redis Cluster.
@@ -91,6 +95,7 @@ from producer.errors import NosqConnectionError, NosqError
 __all__ = [
     "EVENTS_CHANNEL",
     "DeviceAudit",
+    "Eviction",
     "ModelState",
     "Outcome",
     "Registry",
@@ -108,10 +113,13 @@ _DEVICE = keys.registry("device:")
 _RESIDENT = keys.registry("resident:")
 _MODELS = keys.registry("models")
 _DEVICES = keys.registry("devices")
+_EVICTIONS = keys.registry("evictions")
+EVICTIONS_KEPT = 1000  # the eviction log keeps about this many decisions (XADD MAXLEN ~)
 
 _MODEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$", re.ASCII)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$", re.ASCII)
 _COUNTED = frozenset({ModelState.LOADING, ModelState.READY, ModelState.DRAINING})
+_STATES = frozenset(state.value for state in ModelState)
 
 
 class RegistryError(NosqError):
@@ -165,6 +173,31 @@ class Resize:
 
 
 @dataclass(frozen=True, slots=True)
+class Eviction:
+    """One eviction decision of ``reserve``, as logged by the script that made it.
+
+    ``candidates`` are the models counted on the device at that instant, with the fields the
+    policy read (``evictable`` ones could be chosen); ``victims`` were chosen, in order, to free
+    ``need_bytes`` so that ``model`` fits. ``at_ms`` is Redis's clock (the log entry's id).
+    """
+
+    at_ms: int
+    model: str
+    node: str
+    device: str
+    policy: str
+    need_bytes: int
+    victims: tuple[str, ...]
+    candidates: tuple[Resident, ...]
+
+    def policy_victims(self) -> tuple[str, ...]:
+        """The victims ``manager.eviction`` chooses from the same candidates: equal to ``victims``
+        when the Lua mirror decided as the Python policy does."""
+        chosen = eviction.choose_victims(self.candidates, self.need_bytes, eviction.policy(self.policy))
+        return tuple(r.model for r in chosen or ())
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceAudit:
     """One device, read atomically: ``ok`` iff used == resident sum <= budget and no stray member."""
 
@@ -207,7 +240,7 @@ local function release(model, final, mprefix, dprefix, rprefix, channel, err)
 end
 """
 
-# KEYS: model hash, device hash, resident set, models set
+# KEYS: model hash, device hash, resident set, models set, evictions stream
 # ARGV: model, node, device, nbytes, owner, policy, model prefix, channel
 _RESERVE = _LUA_COMMON + LUA_CHOOSE_VICTIMS + """
 local model, node, device, owner, policy = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]
@@ -252,16 +285,25 @@ if need <= 0 then return {'wait', 'freeing'} end
 local victims = choose_victims(cands, need, policy)
 if not victims then return {'wait', 'busy'} end
 local now = int(now_ms())
-local out = {'evict'}
+local out, chosen, seen = {'evict'}, {}, {}
 for _, c in ipairs(victims) do
   redis.call('HSET', prefix .. c.id, 'state', 'draining', 'draining_at', now, 'evicted_for', model)
   redis.call('PUBLISH', channel, 'draining ' .. c.id)
   out[#out + 1] = c.id
   out[#out + 1] = c.owner
   out[#out + 1] = int(c.bytes)
+  chosen[#chosen + 1] = c.id
 end
+-- the decision and what it was made from, for audits of the policy (Registry.evictions)
+for _, c in ipairs(cands) do
+  seen[#seen + 1] = table.concat({c.id, c.state or 'absent', int(c.bytes), int(c.loaded_at), int(c.last_used),
+                                  int(c.uses), int(c.inflight), int(c.backlog), int(c.reload_ms)}, ' ')
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', EVICTIONS_KEPT, '*', 'for', model, 'node', node, 'device', device,
+           'policy', policy, 'need', int(need), 'victims', table.concat(chosen, ','),
+           'candidates', table.concat(seen, ','))
 return out
-"""
+""".replace("EVICTIONS_KEPT", f"'{EVICTIONS_KEPT}'")
 
 # KEYS: model hash.  ARGV: model, owner, replicas, load_ms, channel
 _MARK_READY = _LUA_COMMON + """
@@ -410,7 +452,7 @@ class Registry:
             raise ValueError(f"nbytes must be >= 0, got {nbytes} for model {model!r}")
         reply = await _run(
             self._reserve,
-            [_MODEL + model, _DEVICE + label, _RESIDENT + label, _MODELS],
+            [_MODEL + model, _DEVICE + label, _RESIDENT + label, _MODELS, _EVICTIONS],
             [model, node, device, nbytes, self.owner, self.policy.name, _MODEL, EVENTS_CHANNEL],
         )
         tag, rest = _s(reply[0]), [_s(v) for v in reply[1:]]
@@ -568,6 +610,12 @@ class Registry:
         records = await self._records(members)
         return [_resident(r) for r in records if ModelState(r["state"]) in _COUNTED]
 
+    async def evictions(self, count: int = EVICTIONS_KEPT) -> list[Eviction]:
+        """The last ``count`` eviction decisions, oldest first (see ``Eviction``)."""
+        with _translate():
+            entries = await self._redis.xrevrange(_EVICTIONS, count=count)
+        return [_eviction(entry_id, fields) for entry_id, fields in reversed(entries)]
+
     async def audit(self) -> list[DeviceAudit]:
         """Every device's budget, used bytes and resident sum, read in one atomic script."""
         reply = await _run(self._audit, [_DEVICES], [_MODEL, _DEVICE, _RESIDENT])
@@ -621,6 +669,22 @@ def _resident(row: Mapping[str, Any]) -> Resident:
     return Resident(model=row["model"], state=ModelState(row["state"]), nbytes=row["bytes"],
                     loaded_at_ms=row["loaded_at"], last_used_ms=row["last_used"], uses=row["uses"],
                     inflight=row["inflight"], backlog=row["backlog"], reload_ms=float(row["load_ms"]))
+
+
+def _eviction(entry_id: Any, raw: Mapping[Any, Any]) -> Eviction:
+    fields = {_s(k): _s(v) for k, v in raw.items()}
+    candidates = []
+    for row in filter(None, fields.get("candidates", "").split(",")):
+        model, state, nbytes, loaded_at, last_used, uses, inflight, backlog, reload_ms = row.split(" ")
+        candidates.append(Resident(
+            model=model, state=ModelState(state) if state in _STATES else ModelState.EVICTED, nbytes=int(nbytes),
+            loaded_at_ms=int(loaded_at), last_used_ms=int(last_used), uses=int(uses), inflight=int(inflight),
+            backlog=int(backlog), reload_ms=float(reload_ms)))
+    return Eviction(at_ms=int(_s(entry_id).partition("-")[0]), model=fields.get("for", ""),
+                    node=fields.get("node", ""), device=fields.get("device", ""), policy=fields.get("policy", ""),
+                    need_bytes=int(fields.get("need", 0)),
+                    victims=tuple(filter(None, fields.get("victims", "").split(","))),
+                    candidates=tuple(candidates))
 
 
 def parse_event(message: bytes | str) -> tuple[ModelState, str]:

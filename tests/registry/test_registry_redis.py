@@ -42,8 +42,8 @@ async def audit_ok(reg: Registry) -> None:
 
 def test_public_api() -> None:
     assert set(registry_module.__all__) == {
-        "EVENTS_CHANNEL", "DeviceAudit", "ModelState", "Outcome", "Registry", "RegistryError", "Reservation",
-        "ReservationLost", "Victim", "parse_event",
+        "EVENTS_CHANNEL", "DeviceAudit", "Eviction", "ModelState", "Outcome", "Registry", "RegistryError",
+        "Reservation", "ReservationLost", "Resize", "Victim", "parse_event",
     }
 
 
@@ -198,6 +198,25 @@ async def test_models_in_flight_are_skipped_then_wait(any_client: redis.asyncio.
     got = await reg.reserve("y", node=NODE, device=GPU, nbytes=200)
     assert got.victims == (Victim("a", "mgr-a", 100),)
     assert await used(any_client) == 300
+
+
+async def test_each_eviction_decision_is_logged_with_what_it_was_made_from(
+        any_client: redis.asyncio.Redis, ready_model: ReadyModel) -> None:
+    reg = Registry(any_client, owner="mgr-a")
+    await reg.set_budget(NODE, GPU, 300)
+    for i, model in enumerate(("a", "b", "c")):
+        await ready_model(reg, model, 100, loaded_at=i + 1, last_used=10 - i, uses=i)
+    assert await reg.inflight("a", +1)  # the FIFO victim is busy: b goes
+    await reg.reserve("x", node=NODE, device=GPU, nbytes=150)
+    assert await reg.reserve("x", node=NODE, device=GPU, nbytes=150) == Reservation(Outcome.WAIT, reason="freeing")
+    [logged] = await reg.evictions()  # a WAIT decides nothing: one entry
+    assert (logged.model, logged.node, logged.device, logged.policy) == ("x", NODE, GPU, "fifo")
+    assert logged.need_bytes == 150 and logged.victims == ("b", "c") == logged.policy_victims()
+    by_model = {c.model: c for c in logged.candidates}
+    assert sorted(by_model) == ["a", "b", "c"]
+    assert by_model["a"].inflight == 1 and by_model["b"].loaded_at_ms == 2 and by_model["c"].last_used_ms == 8
+    assert by_model["c"].uses == 2 and by_model["b"].state is ModelState.READY and by_model["b"].nbytes == 100
+    assert logged.at_ms > 0
 
 
 async def test_loading_models_are_never_victims(any_client: redis.asyncio.Redis) -> None:
