@@ -108,7 +108,6 @@ def direct(args: argparse.Namespace, batch: int, seconds: float) -> float:
 
 def run_layout(args: argparse.Namespace, url: str, managers_n: int, replicas: int) -> dict[str, Any]:
     settings = RedisSettings(url=url)
-    settings.client().flushdb()
     config = Path(tempfile.mkdtemp(prefix="nosq-scale-")) / "scale.toml"
     config.write_text(model_config(args, replicas))
     shape = tuple(json.loads(args.shape))
@@ -121,7 +120,6 @@ def run_layout(args: argparse.Namespace, url: str, managers_n: int, replicas: in
         rate = closed_loop_throughput(url, args.model, shape, processes=args.producers, seconds=args.seconds,
                                       window=window, chunk=args.chunk)
         batch = chosen_batch(settings, args.model)
-    settings.client().flushdb()
     return {"managers": managers_n, "replicas_per_manager": replicas, "actors": managers_n * replicas,
             "req_per_s": rate, "ready_s": ready_s, "profiled_batch": batch}
 
@@ -152,6 +150,7 @@ def main() -> int:
 
     rows = []
     with redis_url(args.redis_url, args.redis_server) as url:
+        RedisSettings(url=url).client().flushdb()  # stored profiles stay between layouts
         for managers_n, replicas in parse_layouts(args.layouts):
             row = run_layout(args, url, managers_n, replicas)
             rows.append(row)
