@@ -8,12 +8,15 @@ The recommendation (``recommend``), clamped to ``[min_replicas, max_replicas]``:
 
 - nothing waiting (backlog 0): ``min_replicas`` (0 with scale to zero);
 - requests waiting at zero replicas: at least 1, at once (no delay: they wait for a load);
-- the per-replica drain rate known (the profile's latency curve, refined by served batches;
-  else the measured rate): enough replicas to drain the backlog within ``target_wait_s``, and
-  never fewer than the measured traffic keeps busy (so a drained queue under steady load does
-  not look idle);
-- the oldest waiting request older than ``target_wait_s`` and than the predicted drain time
-  (the backlog does not drain as predicted, or nothing predicts it): one more than now.
+- otherwise the replicas that drain the backlog within ``target_wait_s`` at the drain rate of
+  one replica, and never fewer than the measured traffic keeps busy (so a short queue under
+  steady load does not look idle). The rate is the predicted one (the profile's latency curve,
+  refined by the batches served). Once the oldest waiting request is older than the target,
+  the replicas have been busy all along, so their measured rate is a real capacity: when it is
+  slower than predicted (or nothing is predicted) it is used instead (the prediction is off);
+  with no rate at all, one more replica than now;
+- no scale-up for a backlog that drains before a new replica would be ready (``startup_s``,
+  measured on the last scale-up): the tail of a burst adds nothing.
 
 Delays: a change is made only once it has been wanted for a whole delay: more replicas for
 ``up_delay_s``, fewer for ``down_delay_s``, each counted from the first tick that wanted it and
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 from workers.spec import ModelSpec
 
-__all__ = ["Autoscaler", "Decision", "Observation", "ScalingPolicy", "recommend"]
+__all__ = ["Autoscaler", "Decision", "Observation", "ScalingPolicy", "drain_rate", "predicted_drain_s", "recommend"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +75,9 @@ class Observation:
     backlog: int  # requests not yet answered: waiting in the stream or running
     oldest_age_s: float  # how long the oldest of them has waited (0 when none)
     replicas: int  # replicas serving now
-    rate_per_replica: float | None = None  # items/s one replica drains; None: unknown
+    predicted_rate: float | None = None  # items/s one replica drains, from the latency curve; None: unknown
     served_per_s: float = 0.0  # measured answers/s of all replicas (recent)
+    startup_s: float = 0.0  # how long the last scale-up took to get its replicas ready (0: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,49 +90,60 @@ class Decision:
     reason: str
     backlog: int
     oldest_age_s: float
-    drain_s: float | None  # predicted time to drain the backlog with ``current`` replicas
+    drain_s: float | None  # predicted time to drain the backlog with ``current`` replicas (``drain_rate``)
 
     @property
     def changes(self) -> bool:
         return self.target != self.current
 
 
-def predicted_drain_s(obs: Observation) -> float | None:
+def drain_rate(policy: ScalingPolicy, obs: Observation) -> tuple[float | None, str]:
+    """(items/s one replica drains, where that figure comes from); see the module docstring."""
+    predicted = obs.predicted_rate if obs.predicted_rate is not None and obs.predicted_rate > 0 else None
+    measured = obs.served_per_s / obs.replicas if obs.served_per_s > 0 and obs.replicas > 0 else None
+    busy_all_along = obs.oldest_age_s > policy.target_wait_s
+    if busy_all_along and measured is not None and (predicted is None or measured < predicted):
+        return measured, "measured"
+    return predicted, "predicted"
+
+
+def predicted_drain_s(policy: ScalingPolicy, obs: Observation) -> float | None:
     """Seconds the backlog takes to drain on the current replicas; None when unknown."""
     if obs.backlog <= 0:
         return 0.0
     if obs.replicas <= 0:
         return math.inf
-    if obs.rate_per_replica is None or obs.rate_per_replica <= 0:
-        return None
-    return obs.backlog / (obs.replicas * obs.rate_per_replica)
+    rate, _ = drain_rate(policy, obs)
+    return None if rate is None else obs.backlog / (obs.replicas * rate)
 
 
 def recommend(policy: ScalingPolicy, obs: Observation) -> tuple[int, str]:
     """(replicas wanted now, why), within the policy's bounds; see the module docstring."""
     current = obs.replicas
+    target = policy.target_wait_s
     if obs.backlog <= 0:
         return policy.min_replicas, "idle: no request waiting"
     if current <= 0:
         return policy.clamp(1), f"{obs.backlog} request(s) waiting at zero replicas"
-    drain = predicted_drain_s(obs)
-    rate = obs.rate_per_replica
-    wanted, why = current, "backlog drains within the target"
-    if rate is not None and rate > 0 and drain is not None:
-        for_backlog = math.ceil(obs.backlog / (rate * policy.target_wait_s))
-        busy = min(current, math.ceil(obs.served_per_s / rate - 1e-9))  # the replicas the traffic uses
-        wanted = max(1, for_backlog, busy)
-        if wanted > current:
-            why = (f"backlog {obs.backlog} drains in {drain:.1f} s on {current} replica(s), over the "
-                   f"target {policy.target_wait_s:g} s")
-        elif wanted < current:
-            why = (f"backlog {obs.backlog} drains within {policy.target_wait_s:g} s on {wanted} replica(s) "
-                   f"at {obs.served_per_s:.1f} req/s")
-    if obs.oldest_age_s > policy.target_wait_s and (drain is None or obs.oldest_age_s > drain) \
-            and wanted <= current:
+    rate, source = drain_rate(policy, obs)
+    if rate is None:
+        if obs.oldest_age_s <= target:
+            return policy.clamp(current), "no drain rate known yet"
         wanted = current + 1
-        predicted = "nothing predicts the drain" if drain is None else f"the predicted drain is {drain:.1f} s"
-        why = f"oldest request waited {obs.oldest_age_s:.1f} s, over the target {policy.target_wait_s:g} s; {predicted}"
+        why = (f"oldest request waited {obs.oldest_age_s:.1f} s, over the target {target:g} s, and no drain rate "
+               "is known")
+    else:
+        drain = obs.backlog / (current * rate)
+        busy = min(current, math.ceil(obs.served_per_s / rate - 1e-9))  # the replicas the traffic uses
+        wanted = max(1, math.ceil(obs.backlog / (rate * target)), busy)
+        why = f"backlog {obs.backlog} drains in {drain:.1f} s on {current} replica(s) at the {source} {rate:.1f}/s each"
+        if wanted > current and drain < obs.startup_s:
+            wanted = current
+            why += f", before a new replica would be ready ({obs.startup_s:.1f} s)"
+        elif wanted > current:
+            why += f", over the target {target:g} s"
+        elif wanted < current:
+            why += f"; {wanted} replica(s) drain it within {target:g} s at {obs.served_per_s:.1f} req/s"
     clamped = policy.clamp(wanted)
     if clamped != wanted:
         why += f" (kept within {policy.min_replicas}..{policy.max_replicas})"
@@ -178,4 +193,4 @@ class Autoscaler:
         if target != current:
             self.reset()
         return Decision(current=current, target=target, desired=desired, reason=why, backlog=obs.backlog,
-                        oldest_age_s=obs.oldest_age_s, drain_s=predicted_drain_s(obs))
+                        oldest_age_s=obs.oldest_age_s, drain_s=predicted_drain_s(self.policy, obs))

@@ -220,6 +220,7 @@ def _models(args: argparse.Namespace) -> int:
     import redis
 
     from manager.registry import Registry
+    from manager.status import autoscaling, heartbeats
 
     if args.action:
         return _control(args)
@@ -234,12 +235,17 @@ def _models(args: argparse.Namespace) -> int:
 
     try:
         rows, devices = asyncio.run(read())
+        client = redis_settings(args).client()
+        try:
+            scaling = autoscaling(heartbeats(client))  # per manager, from the heartbeats (also without a budget)
+        finally:
+            client.close()
     except redis.RedisError as exc:
         raise NosqError(f"cannot read the registry at {redis_settings(args).describe()}: {exc}") from exc
     if args.json:
-        print(json.dumps({"models": rows, "devices": devices}, indent=2))
+        print(json.dumps({"models": rows, "devices": devices, "autoscale": scaling}, indent=2))
         return 0
-    print(format_models(rows, devices))
+    print(format_models(rows, devices, scaling))
     return 0
 
 
@@ -272,8 +278,10 @@ def _control(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_models(rows: list[dict[str, Any]], devices: list[dict[str, Any]]) -> str:
-    """The registry snapshot as a plain-text table, then one line per device budget."""
+def format_models(rows: list[dict[str, Any]], devices: list[dict[str, Any]],
+                  scaling: list[dict[str, Any]] | None = None) -> str:
+    """The registry snapshot as a plain-text table, one line per device budget, then the
+    autoscaling of each model on each manager with its latest decision."""
     import time
 
     def stamp(ms: int) -> str:
@@ -297,6 +305,14 @@ def format_models(rows: list[dict[str, Any]], devices: list[dict[str, Any]]) -> 
     for d in devices:
         lines.append(f"device {d['node']}/{d['device']}: {mib(d['used_bytes'])} of {mib(d['budget_bytes'])} MiB "
                      f"used ({', '.join(d['models']) or 'empty'})")
+    for s in scaling or []:
+        last = s.get("last")
+        said = "no change yet"
+        if last:
+            outcome = "" if last["applied"] else f" REFUSED ({last['refused']})"
+            said = f"{stamp(last['at_ms'])} {last['from']} -> {last['to']}{outcome}: {last['reason']}"
+        lines.append(f"autoscale {s['model']} on {s['manager']}: {s['replicas']} replica(s), wanted {s['desired']}, "
+                     f"bounds {s['min_replicas']}..{s['max_replicas']}; last: {said}")
     return "\n".join(lines)
 
 

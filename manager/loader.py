@@ -277,6 +277,50 @@ class Loader:
 
     # -- evicting --------------------------------------------------------------------------------
 
+    # -- scaling ---------------------------------------------------------------------------------
+
+    def settled(self, model: str) -> bool:
+        """Loaded here, with no load, eviction or scale under way."""
+        return model in self.resident and model not in self._busy
+
+    async def scale(self, model: str, replicas: int) -> tuple[int, str]:
+        """Resize a model loaded here (``manager.scaling``): (replicas now, why not ``replicas``;
+        "" when reached).
+
+        Its bytes grow in the registry before new replicas start, to the most replicas up to
+        ``replicas`` that the budget holds (nothing is evicted for a scale-up), and shrink after
+        retired ones are killed. 0 evicts it (bytes released): requests then wait in the stream
+        and the next tick loads it again. A load or eviction under way holds the model."""
+        pool = self._pools[model]
+        if model not in self.resident or model in self._busy:
+            return len(pool.replicas), "not loaded here, or a load or eviction is under way"
+        self._busy.add(model)
+        try:
+            current = len(pool.replicas)
+            if replicas <= 0:
+                await self.evict(model, release=True)
+                return 0, ""
+            if replicas < current:
+                await pool.scale_to(replicas)
+                await self.registry.resize(model, replicas)
+                return replicas, ""
+            refused = ""
+            for count in range(replicas, current, -1):
+                resized = await self.registry.resize(model, count)
+                if resized.ok:
+                    break
+                refused = refused or resized.reason
+            else:
+                return current, refused
+            try:
+                await pool.scale_to(count)
+            finally:
+                if len(pool.replicas) != count:  # the start failed: give the bytes back
+                    await self.registry.resize(model, max(1, len(pool.replicas)))
+            return count, refused
+        finally:
+            self._busy.discard(model)
+
     async def _evict_task(self, model: str, *, release: bool) -> None:
         try:
             await self.evict(model, release=release)

@@ -567,8 +567,8 @@ class Registry:
         if tag == "ok":
             return Resize(ok=True, nbytes=int(rest[0]))
         if tag == "no_room":
-            return Resize(ok=False, nbytes=0, reason=f"budget: {replicas} replica(s) need {rest[0]} more bytes, "
-                                                     f"{rest[1]} free on the device")
+            return Resize(ok=False, nbytes=0, reason=f"budget: {replicas} replica(s) need {int(rest[0]) / 2**20:.1f} "
+                                                     f"MiB more, {int(rest[1]) / 2**20:.1f} MiB free on the device")
         return Resize(ok=False, nbytes=0, reason=f"model is {rest[0]} (owner {rest[1] or 'nobody'}), not ready here")
 
     async def record_error(self, model: str, message: str) -> None:

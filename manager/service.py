@@ -35,6 +35,8 @@ from manager.pipeline import ModelPipeline
 from manager.profiles import ProfileRecord, ensure_profile, profile_key
 from manager.registry import Registry
 from manager.resilience import forever
+from manager.scaling import Scaling
+from manager.scaling import check as check_scaling
 from manager.settings import ManagerSettings
 from manager.unknown import UnknownModels
 from producer import keys
@@ -77,6 +79,7 @@ class Manager:
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
         self.control: ControlWorker | None = None
+        self.scaling: Scaling | None = None
         self._compile_reported: set[str] = set()
 
     def request_stop(self) -> None:
@@ -100,6 +103,7 @@ class Manager:
             raise NosqError(f"manager cannot start from state {self.state.value}")
         self.state = State.STARTING
         settings = self.settings
+        check_scaling(self.config, on_demand=settings.cpu_budget_bytes is not None)
         self._redis = settings.redis.async_client(reconnect_s=settings.reconnect_s)
         await self._claim_consumer_name()
         # in the main thread: Ray installs signal handlers
@@ -145,6 +149,10 @@ class Manager:
         self.unknown = UnknownModels(self._redis, settings, set(self.pipelines))
         self._spawn_loop(lambda: self.janitor.run(self._stop), "janitor")
         self._spawn_loop(lambda: self.unknown.run(self._stop), "unknown-models")
+        self.scaling = Scaling(client=self._redis, settings=settings, pools=self._pools, pipelines=self.pipelines,
+                               loader=self.loader, published=self._beat)
+        if self.scaling.enabled:
+            self._spawn_loop(lambda: self.scaling.run(self._stop) if self.scaling else _nothing(), "autoscaler")
         self._spawn_loop(self._heartbeat, "heartbeat")
         await self._start_metrics()
         self.control = ControlWorker(self)
@@ -217,10 +225,17 @@ class Manager:
         return self._describe(model)
 
     async def scale_model(self, model: str, replicas: int) -> dict[str, Any]:
+        """Set the replicas now (the autoscaler, if on, moves them within its bounds later)."""
         if self.loader is not None and model not in self.loader.resident:
             raise NosqError(f"model {model!r} is not loaded here: load it first")
-        await self._pools[model].scale_to(replicas)
-        self.pipelines[model].wake()
+        if replicas < 1:
+            raise NosqError(f"model {model!r}: a loaded model keeps at least 1 replica, not {replicas}; "
+                            f"`nosq models unload {model}` unloads it")
+        if self.scaling is None:
+            raise NosqError("manager is not started")
+        refused = await self.scaling.scale(model, replicas, "operator: nosq models scale")
+        if refused:
+            raise NosqError(f"model {model!r}: scale to {replicas} refused: {refused}")
         return self._describe(model)
 
     async def reprofile_model(self, model: str) -> dict[str, Any]:
@@ -268,6 +283,9 @@ class Manager:
         stats = {m: {**p.stats.snapshot(), "replicas": len(self._pools[m].replicas),
                      "actors": self._pools[m].placements(), "compile_problem": self._pools[m].compile_problem()}
                  for m, p in self.pipelines.items()}
+        if self.scaling is not None:
+            for model, figures in stats.items():
+                figures["autoscale"] = self.scaling.view(model)
         return json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(), "started": self._started_at,
             "state": self.state.value, "models": sorted(self.pipelines), "at_ms": now_ms(),
@@ -354,11 +372,9 @@ class Manager:
 
     async def _heartbeat(self) -> None:
         """Say this manager is alive, and which models it serves (until when)."""
-        key = keys.manager_heartbeat(self.settings.consumer)
-        ttl = self.settings.heartbeat_ttl_s
         while not self._stop.is_set():
             await self._check_compile()
-            await self._client().set(key, self._heartbeat_value(), ex=ttl)
+            await self._beat()
             await self._publish_served()
             if self.registry is not None:
                 await self._registry_heartbeat(self.registry)
@@ -368,6 +384,11 @@ class Manager:
             except TimeoutError:
                 pass
 
+
+    async def _beat(self) -> None:
+        """Write this manager's heartbeat now (also right after an autoscaling decision)."""
+        await self._client().set(keys.manager_heartbeat(self.settings.consumer), self._heartbeat_value(),
+                                 ex=self.settings.heartbeat_ttl_s)
 
     async def _registry_heartbeat(self, registry: Registry) -> None:
         """Backlogs for the cost policy; release the models of managers that stopped heartbeating."""

@@ -55,6 +55,8 @@ class ManagerSettings(BaseModel):
         default=256 * 1024**2, ge=0, description="bytes reserved per replica of a model with no stored profile")
     load_poll_ms: int = Field(default=250, ge=10,
                               description="how often unloaded models' streams are checked for backlog")
+    autoscale_interval_s: float = Field(default=1.0, gt=0, description="how often the autoscaler looks at the "
+                                        "models whose spec lets them scale (max_replicas > min_replicas)")
     metrics_host: str = Field(default="127.0.0.1", description="address of /metrics and /healthz")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="None: no metrics server")
     reconnect_s: float = Field(default=60.0, ge=0, description="how long to retry a lost Redis connection")

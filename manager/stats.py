@@ -28,11 +28,15 @@ class RollingStats:
         self.errors += errors
         self._done.append((time.monotonic(), len(latencies_ms)))
 
-    def snapshot(self) -> dict[str, Any]:
-        latencies = sorted(self._latency_ms)
+    def rate(self) -> float:
+        """Answers per second over the last 10 s (0 until two batches were answered in it)."""
         now = time.monotonic()
         recent = [(t, n) for t, n in self._done if now - t <= 10.0]
-        rate = sum(n for _, n in recent) / max(1e-9, now - recent[0][0]) if len(recent) > 1 else 0.0
+        return sum(n for _, n in recent) / max(1e-9, now - recent[0][0]) if len(recent) > 1 else 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        latencies = sorted(self._latency_ms)
+        rate = self.rate()
         sizes = self._batch_sizes
         return {
             "served": self.served,

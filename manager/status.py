@@ -12,11 +12,11 @@ import redis
 
 from producer import keys
 
-__all__ = ["collect", "render"]
+__all__ = ["autoscaling", "collect", "heartbeats", "render"]
 
 
-def collect(client: redis.Redis) -> dict[str, Any]:
-    """Managers (from their heartbeats) and models (backlog, pending, traffic, registry state)."""
+def heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
+    """The live managers' heartbeats, each with its ``consumer`` name."""
     managers = []
     for key in client.scan_iter(match=keys.manager_heartbeat("*"), count=500):
         raw: Any = client.get(key)
@@ -24,6 +24,23 @@ def collect(client: redis.Redis) -> dict[str, Any]:
             beat = json.loads(raw)
             beat["consumer"] = key.decode().rsplit(":", 1)[-1]
             managers.append(beat)
+    return sorted(managers, key=lambda beat: str(beat["consumer"]))
+
+
+def autoscaling(managers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and manager: replica bounds, replicas now and wanted, the latest scaling decision."""
+    rows = []
+    for beat in managers:
+        for model, figures in (beat.get("stats") or {}).items():
+            view = figures.get("autoscale")
+            if view:
+                rows.append({"model": model, "manager": beat["consumer"], **view})
+    return sorted(rows, key=lambda row: (row["model"], row["manager"]))
+
+
+def collect(client: redis.Redis) -> dict[str, Any]:
+    """Managers (from their heartbeats) and models (backlog, pending, traffic, registry state)."""
+    managers = heartbeats(client)
     models: dict[str, dict[str, Any]] = {}
     for beat in managers:
         for model, figures in (beat.get("stats") or {}).items():

@@ -6,23 +6,25 @@ import redis.asyncio
 
 from manager.registry import Outcome, Registry
 
+MIB = 2**20
+
 
 async def test_resize_grows_within_the_budget_and_shrinks(any_client: redis.asyncio.Redis) -> None:
     reg = Registry(any_client, owner="m1")
-    await reg.set_budget("n1", "cpu", 1000)
-    assert (await reg.reserve("a", node="n1", device="cpu", nbytes=300)).outcome is Outcome.RESERVED
+    await reg.set_budget("n1", "cpu", 1000 * MIB)
+    assert (await reg.reserve("a", node="n1", device="cpu", nbytes=300 * MIB)).outcome is Outcome.RESERVED
     await reg.mark_ready("a", replicas=1, load_ms=5)
 
     grown = await reg.resize("a", 3)
-    assert grown.ok and grown.nbytes == 900
-    refused = await reg.resize("a", 4)  # 300 more bytes, 100 free: refused, nothing evicted
-    assert not refused.ok and "300 more bytes" in refused.reason and "100 free" in refused.reason
-    assert (await reg.resize("a", 2)).nbytes == 600
+    assert grown.ok and grown.nbytes == 900 * MIB
+    refused = await reg.resize("a", 4)  # 300 MiB more, 100 MiB free: refused, nothing evicted
+    assert not refused.ok and "need 300.0 MiB more, 100.0 MiB free" in refused.reason
+    assert (await reg.resize("a", 2)).nbytes == 600 * MIB
 
     [device] = await reg.devices()
-    assert device["used_bytes"] == 600
+    assert device["used_bytes"] == 600 * MIB
     [row] = await reg.snapshot()
-    assert (row["replicas"], row["bytes"]) == (2, 600)
+    assert (row["replicas"], row["bytes"]) == (2, 600 * MIB)
     assert all(audit.ok for audit in await reg.audit())
 
 

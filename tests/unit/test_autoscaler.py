@@ -13,9 +13,9 @@ def policy(low: int = 1, high: int = 3, up: float = 5.0, down: float = 30.0, tar
 
 
 def obs(backlog: int, replicas: int, *, age: float = 0.0, rate: float | None = 10.0,
-        served: float = 0.0) -> Observation:
-    return Observation(backlog=backlog, oldest_age_s=age, replicas=replicas, rate_per_replica=rate,
-                       served_per_s=served)
+        served: float = 0.0, startup: float = 0.0) -> Observation:
+    return Observation(backlog=backlog, oldest_age_s=age, replicas=replicas, predicted_rate=rate,
+                       served_per_s=served, startup_s=startup)
 
 
 class Clock:
@@ -52,7 +52,7 @@ def test_recommend_drains_the_backlog_within_the_target() -> None:
     # 10 items/s per replica, target 1 s: 25 waiting need 3 replicas
     wanted, why = recommend(policy(high=5), obs(25, 1))
     assert wanted == 3
-    assert "drains in 2.5 s on 1 replica(s)" in why
+    assert "drains in 2.5 s on 1 replica(s) at the predicted 10.0/s each, over the target 1 s" in why
     assert recommend(policy(high=2), obs(25, 1))[0] == 2  # within max
     assert recommend(policy(), obs(5, 1))[0] == 1
 
@@ -63,16 +63,28 @@ def test_recommend_keeps_the_replicas_the_traffic_uses() -> None:
     assert recommend(policy(), obs(3, 2, served=6.0))[0] == 1
 
 
-def test_oldest_waiting_too_long_adds_one_when_the_prediction_is_off() -> None:
-    # the curve says 4 items drain in 0.4 s, yet the oldest has waited 3 s
-    wanted, why = recommend(policy(), obs(4, 1, age=3.0))
+def test_busy_past_the_target_trusts_the_measured_rate_when_slower() -> None:
+    # the curve says 10/s a replica (4 drain in 0.4 s), but requests waited 3 s: the replica has
+    # been busy all along and served 2/s, so the backlog really needs 2 s: 2 replicas for 1 s
+    wanted, why = recommend(policy(), obs(4, 1, age=3.0, served=2.0))
     assert wanted == 2
-    assert "oldest request waited 3.0 s" in why
-    # nothing predicts the drain (no curve, no measured rate): the age alone decides
-    assert recommend(policy(), obs(4, 1, age=3.0, rate=None))[0] == 2
-    assert recommend(policy(), obs(4, 1, age=0.5, rate=None))[0] == 1
-    # waiting 3 s is expected when the backlog takes 5 s to drain: the backlog term decides
-    assert recommend(policy(high=9), obs(50, 1, age=3.0))[0] == 5
+    assert "at the measured 2.0/s each" in why
+    # younger than the target: the measured rate may only be the arrival rate; the curve decides
+    assert recommend(policy(), obs(4, 1, age=0.5, served=2.0))[0] == 1
+    # measured faster than predicted: the prediction stands
+    assert "predicted" in recommend(policy(), obs(4, 1, age=3.0, served=30.0))[1]
+
+
+def test_without_any_rate_only_the_age_adds_a_replica() -> None:
+    assert recommend(policy(), obs(4, 1, age=0.5, rate=None)) == (1, "no drain rate known yet")
+    wanted, why = recommend(policy(), obs(4, 1, age=3.0, rate=None))
+    assert wanted == 2 and "no drain rate is known" in why
+
+
+def test_no_scale_up_for_a_backlog_that_drains_before_a_replica_starts() -> None:
+    wanted, why = recommend(policy(), obs(15, 1, startup=3.0))  # 1.5 s of work, 3 s to start one
+    assert wanted == 1 and "before a new replica would be ready (3.0 s)" in why
+    assert recommend(policy(), obs(15, 1, startup=1.0))[0] == 2
 
 
 def test_scale_up_only_after_the_delay() -> None:
