@@ -60,6 +60,7 @@ class ModelPipeline:
         self._inflight_items = 0
         self._batches: dict[str, tuple[int, list[Request]]] = {}  # batch id -> (started ms, requests)
         self.reading = True
+        self._reader_running = False  # the batch loop outlives the read loop: it drains what that read last
         self.recovered = False  # own pending entries re-read after a restart (the janitor waits for it)
         self.draining = False
         self.served = 0
@@ -106,6 +107,14 @@ class ModelPipeline:
 
     async def read_loop(self) -> None:
         """Own pending entries first (a restart after a crash), then new ones."""
+        self._reader_running = True
+        try:
+            await self._read()
+        finally:
+            self._reader_running = False
+            self._wake.set()  # the batch loop may end now, once it has drained what was read
+
+    async def _read(self) -> None:
         await self.ensure_group()
         await self._recover_own_pending()
         consumer = self._settings.consumer
@@ -206,10 +215,11 @@ class ModelPipeline:
     # -- batching ---------------------------------------------------------------------------
 
     async def batch_loop(self) -> None:
-        """Release batches whenever a slot is free and the batcher says go."""
+        """Release batches whenever a slot is free and the batcher says go; once reading has
+        stopped, until the read loop has ended and everything it read is released."""
         pool = self._pool
         while True:
-            if not self.reading and not len(self.batcher):
+            if not self.reading and not self._reader_running and not len(self.batcher):
                 return
             now = now_ms()
             expired, expiry_ms = self.batcher.expire(now)
