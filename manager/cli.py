@@ -309,8 +309,12 @@ def format_models(rows: list[dict[str, Any]], devices: list[dict[str, Any]],
         last = s.get("last")
         said = "no change yet"
         if last:
-            outcome = "" if last["applied"] else f" REFUSED ({last['refused']})"
-            said = f"{stamp(last['at_ms'])} {last['from']} -> {last['to']}{outcome}: {last['reason']}"
+            step = f"{last['from']} -> {last['to']}"
+            if not last["applied"]:
+                step = f"{last['from']} -> {last['wanted']} REFUSED ({last['refused']})"
+            elif last["refused"]:
+                step += f" (of {last['wanted']}: {last['refused']})"
+            said = f"{stamp(last['at_ms'])} {step}: {last['reason']}"
         lines.append(f"autoscale {s['model']} on {s['manager']}: {s['replicas']} replica(s), wanted {s['desired']}, "
                      f"bounds {s['min_replicas']}..{s['max_replicas']}; last: {said}")
     return "\n".join(lines)
