@@ -82,6 +82,8 @@ class ReplicaPool:
             "max_task_retries": 0,
             "max_concurrency": 1,
             "name": None,
+            # custom resources (spec.resources) pin the replicas to the nodes that offer them
+            "resources": dict(self.spec.resources),
         }
         if wants_gpu and self.device is not None:
             # Ray still counts num_gpus against the node's GPUs; which card is the registry's call

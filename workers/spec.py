@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -32,6 +33,10 @@ _FINGERPRINT_IF_SET = {"compile": "eager", "compile_mode": None}
 # where compiled artifacts live does not change the model: never part of the fingerprint
 _NOT_FINGERPRINTED = ("compile_cache_dir", "max_backlog", "min_replicas", "max_replicas", "scale_up_delay_s",
                       "scale_down_delay_s", "scale_target_wait_s")
+# nor does where its replicas run (custom Ray resources): moving a model keeps its profiles
+_PLACEMENT_FIELDS = ("resources",)
+# Ray's built-in resources: each has a field of its own (num_cpus, device), or none to give
+_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
 
 class ConfigError(NosqError, ValueError):
@@ -59,6 +64,9 @@ class ModelSpec(BaseModel):
     compile: Literal["eager", "trace", "compile"] = "eager"
     compile_mode: str | None = None  # torch.compile's mode; only with compile = "compile"
     compile_cache_dir: str | None = None  # default: ~/.cache/nosq/compile
+    # custom Ray resources each replica needs, e.g. {node_a = 1}: pins the model to the nodes
+    # started with them (``ray start --resources``); placement only, not part of the fingerprint
+    resources: dict[str, float] = Field(default_factory=dict)
     # autoscaling (manager.autoscaler): on when max_replicas > min_replicas; both default to replicas.
     # min_replicas = 0 (scale to zero) unloads the model when idle: it needs on-demand loading
     min_replicas: int | None = Field(default=None, ge=0)
@@ -106,6 +114,21 @@ class ModelSpec(BaseModel):
             raise ValueError("compile_cache_dir must be a directory path; leave it out for ~/.cache/nosq/compile")
         return value
 
+    @field_validator("resources")
+    @classmethod
+    def _check_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = sorted(set(value) & _BUILTIN_RESOURCES)
+        if builtin:
+            raise ValueError(f"resources names Ray's built-in {builtin!r}: use num_cpus for CPUs and device for "
+                             "GPUs; resources is for custom ones such as {node_a = 1}")
+        # Ray takes fractions up to 1 and whole numbers above
+        bad = {name: amount for name, amount in value.items()
+               if not name.strip() or not math.isfinite(amount) or amount < 0 or (amount > 1 and amount % 1)}
+        if bad:
+            raise ValueError(f"resources must map custom resource names to amounts >= 0 (a fraction up to 1, "
+                             f"a whole number above), e.g. {{node_a = 1}}; got {bad!r}")
+        return value
+
     @model_validator(mode="after")
     def _check_compile_mode(self) -> ModelSpec:
         if self.compile_mode is None:
@@ -138,7 +161,7 @@ class ModelSpec(BaseModel):
         ``compile`` and ``compile_mode`` count only when set (a profile of the compiled model
         is a different profile); ``compile_cache_dir`` never does."""
         data = self.model_dump(mode="json")
-        for key in _NOT_FINGERPRINTED:
+        for key in (*_NOT_FINGERPRINTED, *_PLACEMENT_FIELDS):
             data.pop(key, None)
         for key, default in _FINGERPRINT_IF_SET.items():
             if data.get(key) == default:
