@@ -2,7 +2,10 @@
 
 Calls never block the event loop (``await ref``). An actor that dies is restarted by Ray
 (``max_restarts=-1``); its batch is retried; a batch that keeps killing its worker is split
-until the input that does it fails alone with ``worker_died``.
+until the input that does it fails alone with ``worker_died``. A replica's node that goes
+away (raylet killed, host lost) is the same to the pool: Ray restarts the actor on another
+node that has the spec's ``resources`` (waiting for one to join), and the batches it held are
+retried there.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError
 
 from producer.wire import ErrorCode
 from workers.actor import BatchResult, ItemResult, ModelWorker
@@ -24,6 +27,9 @@ __all__ = ["Replica", "ReplicaPool"]
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
+# a batch is tried again after these: its worker died (ActorDiedError), is unreachable because its
+# node went away (ActorUnavailableError), or its output was lost with that node's object store
+_WORKER_LOST = (RayActorError, NodeDiedError, ObjectLostError)
 # Ray's switch that leaves CUDA_VISIBLE_DEVICES alone in an actor (ray._private.accelerators.nvidia_gpu)
 _NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
@@ -140,7 +146,7 @@ class ReplicaPool:
             try:
                 result: BatchResult = await replica.actor.run.remote(method, cts, payloads)
                 return result
-            except RayActorError as exc:
+            except _WORKER_LOST as exc:
                 # the actor runs its calls in order: only the oldest was running when it died;
                 # the batches queued behind it are retried without blame
                 blamed = replica.calls[0] is token
@@ -160,15 +166,23 @@ class ReplicaPool:
         return BatchResult(left.items + right.items, left.exec_ms + right.exec_ms)
 
     async def _await_restart(self, replica: Replica) -> None:
-        """Wait until Ray has restarted the actor and it has rebuilt its model."""
+        """Wait until Ray has restarted the actor and it has rebuilt its model.
+
+        A replica whose whole node went away answers ``ActorUnavailableError`` until Ray marks
+        the node dead, then waits (``RESTARTING``) until a node with its resources has room: each
+        call is bounded by what is left of ``READY_TIMEOUT_S``."""
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                replica.info = await replica.actor.ready.remote()
+                async with asyncio.timeout(left):
+                    replica.info = await replica.actor.ready.remote()
                 return
-            except RayActorError:
+            except RayActorError:  # ActorDiedError, ActorUnavailableError (its node is gone)
                 await asyncio.sleep(0.2)  # Ray reports restarts only by failing calls
-        raise TimeoutError(f"model {self.spec.id}: replica {replica.index} did not restart")
+            except TimeoutError:
+                break
+        raise TimeoutError(f"model {self.spec.id}: replica {replica.index} did not restart within "
+                           f"{READY_TIMEOUT_S:.0f} s (resources {self.spec.resources or 'none'} free on no live node?)")
 
     def placements(self) -> list[dict[str, Any]]:
         """Where each replica runs, as its actor reported when it became ready: pid, device."""

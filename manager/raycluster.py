@@ -27,6 +27,10 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     # manager drains on SIGTERM itself
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     if address:
+        if _on_loopback(address):
+            # else Ray rewrites 127.0.0.1 to the machine's routable address, where a cluster
+            # started with --node-ip-address 127.0.0.1 does not answer
+            ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(address=address, log_to_driver=True, configure_logging=False)
         log.info("joined Ray cluster at %s", address)
         return True
@@ -43,6 +47,11 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     )
     log.info("started a local Ray instance on 127.0.0.1")
     return True
+
+
+def _on_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def disconnect() -> None:
