@@ -29,6 +29,8 @@ class RedisSettings(BaseModel):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     socket_timeout_s: float | None = Field(default=None, gt=0)
     max_connections: int = Field(default=64, ge=1)
+    #: with every connection busy, a call waits this long for one (then NosqConnectionError)
+    pool_timeout_s: float = Field(default=30.0, gt=0)
     ssl_ca_file: str | None = None
     ssl_cert_file: str | None = None
     ssl_key_file: str | None = None
@@ -76,19 +78,25 @@ class RedisSettings(BaseModel):
         return urlunparse((parsed.scheme, netloc, path, "", parsed.query, ""))
 
     def client(self) -> redis.Redis:
-        """A synchronous client (bytes in, bytes out)."""
-        client: redis.Redis = redis.Redis.from_url(self._url_without_overrides(), **self._kwargs())
+        """A synchronous client (bytes in, bytes out). More callers than ``max_connections``
+        wait for a free connection (up to ``pool_timeout_s``) instead of failing."""
+        pool = redis.BlockingConnectionPool.from_url(self._url_without_overrides(), timeout=self.pool_timeout_s,
+                                                     **self._kwargs())
+        client: redis.Redis = redis.Redis.from_pool(pool)
         return client
 
     def async_client(self, *, reconnect_s: float = 0.0) -> redis.asyncio.Redis:
-        """An asyncio client (bytes in, bytes out). With ``reconnect_s`` > 0 a dropped connection
+        """An asyncio client (bytes in, bytes out); callers beyond ``max_connections`` wait for a
+        connection, as with ``client()``. With ``reconnect_s`` > 0 a dropped connection
         is retried with exponential backoff (0.1 s doubling to 2 s) for about that long: a server
         restart then costs a pause, not an error."""
         kwargs = self._kwargs()
         if reconnect_s > 0:
             kwargs["retry"] = AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=max(1, int(reconnect_s / 2)))
             kwargs["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
-        client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(self._url_without_overrides(), **kwargs)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(self._url_without_overrides(),
+                                                             timeout=self.pool_timeout_s, **kwargs)
+        client: redis.asyncio.Redis = redis.asyncio.Redis.from_pool(pool)
         return client
 
     def describe(self) -> str:

@@ -351,6 +351,26 @@ async def test_async_infer_and_outcome(settings: RedisSettings, manager: FakeMan
     assert envelope.timings["queued_ms"] == 0.5
 
 
+async def test_async_more_callers_than_connections_wait(redis_db: RedisSettings, manager: FakeManager) -> None:
+    """200 coroutines through a pool of 2 connections: each waits for one, none fails."""
+    narrow = redis_db.model_copy(update={"max_connections": 2})
+    async with AsyncProducer(narrow) as p, manager.arunning(redis_db):
+        outs = await asyncio.gather(*(p.infer("echo", i, timeout_s=10) for i in range(200)))
+    assert outs == list(range(200))
+
+
+def test_sync_more_threads_than_connections_wait(redis_db: RedisSettings) -> None:
+    """16 threads on a pool of 1 connection: calls queue for it instead of failing."""
+    narrow = redis_db.model_copy(update={"max_connections": 1})
+    with Producer(narrow) as p:
+        threads = [threading.Thread(target=lambda: [p.submit("echo", i) for i in range(20)]) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert redis_db.client().xlen(keys.requests("echo")) == 16 * 20
+
+
 async def test_async_submit_many_gather(settings: RedisSettings, manager: FakeManager) -> None:
     async with AsyncProducer(settings) as p:
         handles = await p.submit_many("echo", ([i, str(i)] for i in range(50)))
