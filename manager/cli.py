@@ -47,6 +47,9 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     serve.add_argument("--min-idle-ms", type=int, default=None, help="idle time before entries are reclaimed")
     serve.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to drain on SIGTERM")
+    serve.add_argument("--priority-lookahead", type=int, default=None,
+                       help="entries read beyond the next batches, so priorities reorder a backlog in the stream "
+                            "(default 0: only what the replicas can take next is reordered)")
     serve.add_argument("--node", default=None, help="this manager's node name in the registry (default: host name)")
     serve.add_argument("--cpu-budget-mib", type=float, default=None,
                        help="RAM the models may take; set: models load on demand and are evicted by policy "
@@ -177,6 +180,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["min_idle_ms"] = args.min_idle_ms
     if args.shutdown_timeout is not None:
         overrides["shutdown_timeout_s"] = args.shutdown_timeout
+    if args.priority_lookahead is not None:
+        overrides["priority_lookahead"] = args.priority_lookahead
     if args.node:
         overrides["node"] = args.node
     if args.cpu_budget_mib is not None:

@@ -84,9 +84,10 @@ class ModelPipeline:
 
     @property
     def prefetch_limit(self) -> int:
-        """Read only what can be dispatched soon: the batches all slots can hold, plus one."""
+        """Read only what can be dispatched soon: the batches all slots can hold, plus one, plus
+        ``priority_lookahead`` (priorities reorder only what has been read)."""
         slots = max(1, len(self._pool.replicas)) * self._settings.inflight_per_replica
-        return self.spec.max_batch * (slots + 1)
+        return self.spec.max_batch * (slots + 1) + self._settings.priority_lookahead
 
     def held_entries(self, older_than_ms: int = 0) -> list[str]:
         """Entry ids this manager holds (buffered or running) read more than ``older_than_ms`` ago:
