@@ -1,0 +1,231 @@
+"""Multi-node Ray (issue #8, point 3), on a real cluster and the real Redis (db 1).
+
+A head (custom resource ``head``) and a worker node (``node_a``) are started with ``ray start``
+on loopback; ``nosq serve --ray-address`` joins them with two models pinned by ``resources``:
+``pinned`` to ``node_a`` and ``headed`` to ``head``. Under steady load the worker node is
+SIGKILLed whole (raylet, agents, the model's worker), a new node with ``node_a`` joins, and:
+
+* each model's replica ran on the node its resources name, and ``pinned``'s moved to the new node;
+* every accepted request got exactly one result, all ok: none lost (the batches the dead node
+  held were retried), none written twice (one completion per id in the reply stream);
+* nothing is left pending in either stream, and no process of the cluster outlives the test.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+import redis
+from ray._raylet import Config  # type: ignore[attr-defined]
+
+from manager import raycluster
+from manager.demo import start_manager, stop_manager
+from producer import NosqError, Producer, RedisSettings, keys
+from producer.wire import decode_envelope
+from tests.chaos.chaos_support import reply_notices
+from tests.cluster.cluster_support import LocalCluster
+from tests.cluster.conftest import REDIS_URL
+from tests.manager.harness import results
+from tests.manager.models import read_record
+
+pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
+
+MODELS = ("pinned", "headed")
+CONFIG = """
+[[models]]
+id = "pinned"
+factory = "tests.manager.models:slow"
+device = "cpu"
+num_cpus = 0.5
+threads = 1
+max_batch = 8
+options = {delay_s = 0.05, record = "RECORD_pinned"}
+resources = {node_a = 1}
+
+[[models]]
+id = "headed"
+factory = "tests.manager.models:slow"
+device = "cpu"
+num_cpus = 0.5
+threads = 1
+max_batch = 8
+options = {delay_s = 0.0, record = "RECORD_headed"}
+resources = {head = 1}
+"""
+
+
+class Load:
+    """A producer thread: ``per_model`` requests to each model every ``interval_s``."""
+
+    def __init__(self, *, per_model: int = 4, interval_s: float = 0.05) -> None:
+        self.per_model = per_model
+        self.interval_s = interval_s
+        self.accepted: dict[str, str] = {}  # id -> model
+        self.errors: Counter[str] = Counter()
+        self.client_id = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cluster-load", daemon=True)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the load thread did not stop"
+
+    def ids(self, model: str | None = None) -> list[str]:
+        with self._lock:
+            return [i for i, m in self.accepted.items() if model is None or m == model]
+
+    def _run(self) -> None:
+        producer = Producer(RedisSettings(url=REDIS_URL))
+        producer.start()
+        self.client_id = producer._client_id
+        turn = 0
+        try:
+            while not self._stop.is_set() and turn < 5000:
+                turn += 1
+                for model in MODELS:
+                    inputs = [np.full(4, turn * 100 + i, dtype=np.float32) for i in range(self.per_model)]
+                    try:
+                        handles = producer.submit_many(model, inputs)
+                    except (NosqError, redis.RedisError) as exc:
+                        self.errors[type(exc).__name__] += 1
+                        continue
+                    with self._lock:
+                        self.accepted.update((h.id, model) for h in handles)
+                self._stop.wait(self.interval_s)
+        finally:  # not producer.close(): it deletes the reply stream, which the accounting reads
+            if producer._redis is not None:
+                producer._redis.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Until ``predicate()`` is truthy (state of other processes: Ray's GCS, Redis)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.2)
+    return value
+
+
+def alive_nodes() -> dict[str, dict[str, float]]:
+    """node id -> resources of every live node."""
+    return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}  # type: ignore[no-untyped-call]
+
+
+def node_with(resource: str, exclude: frozenset[str] = frozenset()) -> str | None:
+    return next((nid for nid, res in alive_nodes().items() if resource in res and nid not in exclude), None)
+
+
+def replicas() -> dict[str, tuple[str, int, int]]:
+    """actor id -> (node id, pid, restarts) of every live ModelWorker actor."""
+    from ray._private import state
+
+    return {actor_id: (actor["Address"]["NodeID"], int(actor["Pid"]), int(actor["NumRestarts"]))
+            for actor_id, actor in state.actors().items()
+            if actor.get("ActorClassName") == "ModelWorker" and actor.get("State") == "ALIVE"}
+
+
+def pids(record: Path) -> list[int]:
+    """The pid of each batch a model ran, in order (its ``record`` file)."""
+    return [int(call["pid"]) for call in read_record(record)]  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def driver(cluster: LocalCluster) -> Iterator[None]:
+    """This test's own connection to the cluster (to read where the actors run), and the
+    environment the manager it starts inherits (token, PYTHONPATH); both undone after."""
+    saved = {name: os.environ.get(name) for name in cluster.env()}
+    os.environ.update(cluster.env())
+    Config.initialize("")  # Ray read RAY_AUTH_MODE when it was imported: read it again
+    try:
+        cluster.start_head({"head": 1})
+        yield
+    finally:
+        raycluster.disconnect()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        Config.initialize("")
+
+
+@pytest.mark.timeout(240)
+def test_pinned_replica_follows_its_resource_to_a_new_node_and_nothing_is_lost(
+        db1: redis.Redis, cluster: LocalCluster, driver: None, tmp_path: Path) -> None:
+    started = time.monotonic()
+    node_a = cluster.start_node("node-a", {"node_a": 1})
+    raycluster.connect(cluster.address)
+    head_id = node_with("head")
+    first_id = wait_for(lambda: node_with("node_a"), 30, "node-a in the cluster")
+    record = {model: tmp_path / f"{model}.jsonl" for model in MODELS}
+    config = tmp_path / "serve.toml"
+    config.write_text(CONFIG.replace("RECORD_pinned", str(record["pinned"])).replace(
+        "RECORD_headed", str(record["headed"])), encoding="utf-8")
+    manager = start_manager(RedisSettings(url=REDIS_URL), "--config", str(config), "--ray-address", cluster.address,
+                            "--log-level", "warning", "--metrics-port", "-1", consumer="cluster-a")
+    try:
+        placed = wait_for(lambda: len(found := replicas()) == 2 and found, 30, "both replicas alive")
+        by_node = {node: (actor_id, pid) for actor_id, (node, pid, _) in placed.items()}
+        assert set(by_node) == {first_id, head_id}, f"replicas on {placed}: not one on node-a, one on the head"
+        pinned_actor, pinned_pid = by_node[first_id]
+
+        with Load() as load:
+            wait_for(lambda: len(results(db1, load.ids("pinned"))) >= 40, 30, "pinned serving")
+            # each model ran where its resources say: pinned on node-a, headed on the head
+            assert set(pids(record["pinned"])) == {pinned_pid}
+            assert set(pids(record["headed"])) == {by_node[head_id][1]}
+            accepted_at_kill = len(load.ids("pinned"))
+            answered_at_kill = len(results(db1, load.ids("pinned")))
+            cluster.kill_node(node_a)
+            killed_at = time.monotonic()
+            wait_for(lambda: first_id not in alive_nodes(), 30, "node-a marked dead")
+            cluster.start_node("node-a2", {"node_a": 1})
+            second_id = wait_for(lambda: node_with("node_a", frozenset({first_id})), 30, "node-a2 in the cluster")
+            moved = wait_for(lambda: replicas().get(pinned_actor, ("",))[0] == second_id and replicas(),
+                             60, "pinned's replica restarted on node-a2")
+            recovered_s = time.monotonic() - killed_at
+            served_after = len(results(db1, load.ids("pinned")))
+            wait_for(lambda: len(results(db1, load.ids("pinned"))) >= served_after + 40, 30, "pinned serving again")
+        ids = load.ids()
+        done = wait_for(lambda: len(found := results(db1, ids)) == len(ids) and found, 60,
+                        f"a result for each of {len(ids)} accepted requests")
+    finally:
+        status = stop_manager(manager)
+
+    assert status == 0, f"the manager exited with {status}"
+    assert not load.errors, f"submissions refused: {load.errors}"
+    assert accepted_at_kill > answered_at_kill, "nothing was queued or running on node-a when it was killed"
+    _, new_pid, restarts = moved[pinned_actor]
+    assert restarts >= 1 and pids(record["pinned"])[-1] == new_pid, (moved, pids(record["pinned"])[-3:])
+    assert moved[by_node[head_id][0]] == placed[by_node[head_id][0]], "headed's replica moved or restarted"
+    envelopes = {rid: decode_envelope("msgpack", data) for rid, data in done.items()}
+    failed = Counter(env.code for env in envelopes.values() if not env.ok)
+    assert not failed, f"requests failed: {failed}"
+    notices = Counter({rid: len(n) for rid, n in reply_notices(db1, load.client_id).items()})
+    assert set(notices) == set(ids) and max(notices.values()) == 1, \
+        f"completions per request: {Counter(notices.values())}, missing {len(set(ids) - set(notices))}"
+    for model in MODELS:
+        assert int(db1.xpending(keys.requests(model), keys.GROUP)["pending"]) == 0  # type: ignore[index]
+        assert db1.xlen(keys.requests(model)) == 0
+    print(f"\nCLUSTER {len(ids)} requests ({len(load.ids('pinned'))} pinned), node-a killed with "
+          f"{accepted_at_kill - answered_at_kill} pinned requests unanswered; replica back on node-a2 "
+          f"{recovered_s:.1f} s later; test {time.monotonic() - started:.0f} s", flush=True)
