@@ -10,8 +10,8 @@ it scale (``max_replicas > min_replicas``) and that is loaded here:
 
 and takes from the pipeline the predicted drain rate of one replica (b* over latency(b*) of the
 latency curve: the profile's, refined by the batches served, ``manager.batcher.LatencyModel``)
-and the measured answers/s, and from its own last scale-up how long new replicas take to be
-ready. ``manager.autoscaler`` decides; a change is applied here:
+and the measured answers/s (since the replica count last changed, at most 10 s), and from its
+own last scale-up how long new replicas take to be ready. ``manager.autoscaler`` decides; a change is applied here:
 
 - without a memory budget: ``ReplicaPool.scale_to`` (scale to zero needs a budget: ``check``);
 - with one: ``Loader.scale``, which grows the model's bytes in the registry first (a scale-up
@@ -77,6 +77,7 @@ class Scaling:
         self._scalers = {model: Autoscaler(policy) for model, policy in self.policies.items() if policy.enabled}
         self._locks = {model: asyncio.Lock() for model in pools}
         self._seen: dict[str, int] = {}  # replicas after the last tick or change: tells a change made elsewhere
+        self._changed_at: dict[str, float] = {}  # when the replica count last changed (monotonic)
         self._desired: dict[str, int] = {}
         self._startup_s: dict[str, float] = {}  # how long the model's last scale-up took
         self.decisions: dict[str, dict[str, Any]] = {}  # model -> its latest change (applied or refused)
@@ -119,6 +120,7 @@ class Scaling:
             scaler = self._scalers[model]
             if self._seen.get(model, obs.replicas) != obs.replicas:
                 scaler.reset()  # scaled by someone else since: its windows start over
+                self._changed_at[model] = now
             self._seen[model] = obs.replicas
             decision = scaler.observe(obs, now)
             self._desired[model] = decision.desired
@@ -146,21 +148,23 @@ class Scaling:
                 reached, refused = len(pool.replicas), f"replicas did not start: {type(exc).__name__}: {str(exc)[:200]}"
             self._pipelines[model].wake()
             self._seen[model] = reached
+            self._changed_at[model] = time.monotonic()
             if reached > current > 0:
-                self._startup_s[model] = time.monotonic() - started
-        drain = "unknown" if decision is None or decision.drain_s is None else f"{decision.drain_s:.1f} s"
+                self._startup_s[model] = self._changed_at[model] - started
         backlog = decision.backlog if decision is not None else 0
         oldest = decision.oldest_age_s if decision is not None else 0.0
-        figures = (backlog, pending, oldest, drain)
+        figures = ""  # what the decision saw (an operator's scale saw nothing)
+        if decision is not None:
+            drain = "unknown" if decision.drain_s is None else f"{decision.drain_s:.1f} s"
+            figures = f"; backlog {backlog} (pending {pending}), oldest {oldest:.1f} s, predicted drain {drain}"
         if reached == current:
-            log.warning("model %s: autoscale %d -> %d refused: %s (wanted: %s); backlog %d (pending %d), "
-                        "oldest %.1f s, predicted drain %s", model, current, replicas, refused, reason, *figures)
+            log.warning("model %s: autoscale %d -> %d refused: %s (wanted: %s)%s", model, current, replicas, refused,
+                        reason, figures)
         elif refused:
-            log.warning("model %s: autoscale %d -> %d (of %d wanted: %s): %s; backlog %d (pending %d), oldest "
-                        "%.1f s, predicted drain %s", model, current, reached, replicas, refused, reason, *figures)
+            log.warning("model %s: autoscale %d -> %d (of %d wanted: %s): %s%s", model, current, reached, replicas,
+                        refused, reason, figures)
         else:
-            log.info("model %s: autoscale %d -> %d: %s; backlog %d (pending %d), oldest %.1f s, predicted "
-                     "drain %s", model, current, reached, reason, *figures)
+            log.info("model %s: autoscale %d -> %d: %s%s", model, current, reached, reason, figures)
         self._record(model, current, reached, reason, wanted=replicas, refused=refused, backlog=backlog,
                      pending=pending, oldest_s=oldest, drain_s=None if decision is None else decision.drain_s)
         await self._published()
@@ -182,6 +186,7 @@ class Scaling:
                 reason = "requests waited at zero replicas: loaded on demand"
                 log.info("model %s: autoscale 0 -> %d: %s", model, replicas, reason)
                 self._seen[model] = replicas
+                self._changed_at[model] = time.monotonic()
                 self._record(model, 0, replicas, reason, wanted=replicas, refused="", backlog=0, pending=0,
                              oldest_s=0.0, drain_s=None)
                 await self._published()
@@ -217,8 +222,10 @@ class Scaling:
                 oldest_s = max(0.0, (now_ms - int(entry_id.partition("-")[0])) / 1000)
             replicas = len(self._pools[model].replicas)
             pipeline = self._pipelines[model]
+            # measured since the count last changed: a rate of fewer replicas is not theirs
+            served = pipeline.stats.rate(since=self._changed_at.get(model, 0.0))
             out[model] = (Observation(backlog=backlog, oldest_age_s=oldest_s, replicas=replicas,
-                                      predicted_rate=_predicted_rate(pipeline), served_per_s=pipeline.stats.rate(),
+                                      predicted_rate=_predicted_rate(pipeline), served_per_s=served,
                                       startup_s=self._startup_s.get(model, 0.0)), waiting)
         return out
 

@@ -28,10 +28,11 @@ class RollingStats:
         self.errors += errors
         self._done.append((time.monotonic(), len(latencies_ms)))
 
-    def rate(self) -> float:
-        """Answers per second over the last 10 s (0 until two batches were answered in it)."""
+    def rate(self, since: float = 0.0) -> float:
+        """Answers per second over the last 10 s, or since ``since`` (monotonic) if later: 0
+        until two batches were answered in it."""
         now = time.monotonic()
-        recent = [(t, n) for t, n in self._done if now - t <= 10.0]
+        recent = [(t, n) for t, n in self._done if now - t <= 10.0 and t >= since]
         return sum(n for _, n in recent) / max(1e-9, now - recent[0][0]) if len(recent) > 1 else 0.0
 
     def snapshot(self) -> dict[str, Any]:
