@@ -13,7 +13,7 @@ latency curve: the profile's, refined by the batches served, ``manager.batcher.L
 and the measured answers/s (since the replica count last changed, at most 10 s), and from its
 own last scale-up how long new replicas take to be ready. ``manager.autoscaler`` decides; a change is applied here:
 
-- without a memory budget: ``ReplicaPool.scale_to`` (scale to zero needs a budget: ``check``);
+- without a memory budget: ``ReplicaPool.scale_to`` (scale to zero needs a budget: ``check_config``);
 - with one: ``Loader.scale``, which grows the model's bytes in the registry first (a scale-up
   the budget cannot hold is refused and logged; nothing is evicted for it) and evicts the
   model at zero (the loader loads it again when requests wait in its stream).
@@ -47,12 +47,12 @@ from producer import keys
 from producer.errors import NosqError
 from workers.spec import ServeConfig
 
-__all__ = ["Scaling", "check"]
+__all__ = ["Scaling", "check_config"]
 
 log = logging.getLogger(__name__)
 
 
-def check(config: ServeConfig, *, on_demand: bool) -> None:
+def check_config(config: ServeConfig, *, on_demand: bool) -> None:
     """Scale to zero unloads the model: only on-demand loading (a memory budget) loads it back."""
     zero = [spec.id for spec in config.models if spec.replica_bounds[0] == 0]
     if zero and not on_demand:

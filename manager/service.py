@@ -35,8 +35,7 @@ from manager.pipeline import ModelPipeline
 from manager.profiles import ProfileRecord, ensure_profile, profile_key
 from manager.registry import Registry
 from manager.resilience import forever
-from manager.scaling import Scaling
-from manager.scaling import check as check_scaling
+from manager.scaling import Scaling, check_config
 from manager.settings import ManagerSettings
 from manager.unknown import UnknownModels
 from producer import keys
@@ -103,7 +102,7 @@ class Manager:
             raise NosqError(f"manager cannot start from state {self.state.value}")
         self.state = State.STARTING
         settings = self.settings
-        check_scaling(self.config, on_demand=settings.cpu_budget_bytes is not None)
+        check_config(self.config, on_demand=settings.cpu_budget_bytes is not None)  # before Ray: fail fast
         self._redis = settings.redis.async_client(reconnect_s=settings.reconnect_s)
         await self._claim_consumer_name()
         # in the main thread: Ray installs signal handlers
