@@ -58,7 +58,7 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
                        help="GPU memory kept free (a GPU's budget is its total less this; default 1024)")
     serve.add_argument("--gpu-overhead-mib", type=float, default=None,
                        help="GPU memory each GPU actor takes beyond its model's measured bytes (CUDA context, "
-                            "allocator slack), counted in the GPU budget (default 512)")
+                            "allocator slack), counted in the GPU budget (default 768)")
     serve.add_argument("--eviction-policy", choices=["fifo", "lru", "lfu", "cost"], default=None,
                        help="which loaded model leaves first when one must load and does not fit (default fifo)")
     serve.add_argument("--metrics-port", type=int, default=9108,

@@ -130,8 +130,13 @@ class ModelWorker:
 
     def profile(self, max_batch: int | None = None, options: ProfileOptions | None = None) -> dict[str, Any]:
         """Sweep batch sizes up to ``max_batch`` (default and ceiling: the spec's) on this
-        process's device and choose b*: ``workers.curve.Profile.to_dict()``."""
-        return self._profiler(max_batch, options).run().to_dict()
+        process's device and choose b*: ``workers.curve.Profile.to_dict()``. The allocator's
+        cache of the largest sizes tried is then given back: the process keeps what serving at b*
+        needs, which is what the registry reserves for it."""
+        try:
+            return self._profiler(max_batch, options).run().to_dict()
+        finally:
+            self._release_cache()
 
     def profile_plan(self, max_batch: int | None = None, options: ProfileOptions | None = None) -> dict[str, Any]:
         """The plan of a sweep driven from outside, one ``profile_one`` per size (a progress bar)."""
@@ -139,7 +144,14 @@ class ModelWorker:
 
     def profile_one(self, batch: int, options: ProfileOptions | None = None) -> dict[str, Any]:
         """One size's figures (``Point``) or ``OutOfMemory``, as a dict."""
-        return dataclasses.asdict(self._profiler(batch, options).measure(batch))
+        try:
+            return dataclasses.asdict(self._profiler(batch, options).measure(batch))
+        finally:
+            self._release_cache()
+
+    def _release_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _profiler(self, max_batch: int | None, options: ProfileOptions | None) -> Profiler:
         spec = self.spec
