@@ -4,7 +4,7 @@
 # /tmp. Usage (repository root): bash benchmarks/gpu_suite.sh OUTDIR [packing] [peers] [scaling]
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUTDIR [steps...]}; shift
-steps=${*:-packing peers scaling}
+steps=${*:-packing peers scaling ceiling}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -21,9 +21,14 @@ for step in $steps; do
                      --out "$out/gpu_packing.json" ;;
         peers) python3 -m benchmarks.peers --device cuda --models cnn,transformer --systems direct,nosq \
                    --redis-server "$redis" --out "$out/peers_cuda.json" --plots "$out" ;;
+        # a model that keeps a GPU busy with small items (8 KiB in and out): 3.2 B parameters
         scaling) python3 -m benchmarks.scaling --device cuda --model transformer --layouts 1x1,1x2,2x1 \
-                     --options '{"d_model": 1024, "nhead": 16, "layers": 24, "seq": 8}' --max-batch 256 \
-                     --producers 6 --seconds 15 --redis-server "$redis" --out "$out/scaling_cuda.json" ;;
+                     --options '{"d_model": 1024, "nhead": 16, "layers": 256, "seq": 2}' --max-batch 256 \
+                     --latency-budget-ms 500 --producers 6 --seconds 15 --redis-server "$redis" \
+                     --out "$out/scaling_cuda.json" ;;
+        # the request path's own ceiling on this machine (no model work): noop, 1 and 2 managers
+        ceiling) python3 -m benchmarks.scaling --device cpu --model noop --layouts 1x1,2x1 --producers 6 \
+                     --seconds 10 --redis-server "$redis" --out "$out/scaling_noop_gpuhost.json" ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac 2>&1 | tee "$out/$step.log"
     echo "== $step: exit ${PIPESTATUS[0]} in $(( $(date +%s) - started )) s"

@@ -47,9 +47,11 @@ def parse_layouts(text: str) -> list[tuple[int, int]]:
 def model_config(args: argparse.Namespace, replicas: int) -> str:
     spec = ModelSpec(id=args.model, factory=f"workers.demo:{args.model}", device=args.device, replicas=replicas,
                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, num_cpus=args.num_cpus,
+                     latency_budget_ms=args.latency_budget_ms,
                      threads=args.threads, options=json.loads(args.options))
     return "[[models]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in spec.model_dump(
-        include={"id", "factory", "device", "replicas", "max_batch", "max_wait_ms", "num_cpus", "threads"}).items()
+        include={"id", "factory", "device", "replicas", "max_batch", "max_wait_ms", "latency_budget_ms",
+                 "num_cpus", "threads"}).items()
         if v is not None) + ("options = " + _toml_table(spec.options) + "\n" if spec.options else "")
 
 
@@ -133,6 +135,7 @@ def main() -> int:
     parser.add_argument("--layouts", default="1x1,1x2,2x1", help="MxR: M managers with R replicas each")
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--latency-budget-ms", type=float, default=100.0, help="the spec's: caps b* by latency")
     parser.add_argument("--num-cpus", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     parser.add_argument("--producers", type=int, default=2, help="load processes")
