@@ -61,7 +61,8 @@ class ReplicaPool:
         self.device: str | None = None
 
     async def start(self, replicas: int | None = None) -> None:
-        """Start the actors and wait until each has built its model."""
+        """Start the actors and wait until each has built its model. If one fails or does not
+        come up in time, every actor of this start is killed (none is left holding memory)."""
         count = replicas or self.spec.replicas
         cls = ray.remote(ModelWorker)
         new = [
@@ -69,9 +70,14 @@ class ReplicaPool:
                     actor=cls.options(**self._actor_options()).remote(self.spec, device=self.device))
             for i in range(count)
         ]
-        infos = await asyncio.wait_for(
-            asyncio.gather(*(r.actor.ready.remote() for r in new)), READY_TIMEOUT_S
-        )
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.gather(*(r.actor.ready.remote() for r in new)), READY_TIMEOUT_S
+            )
+        except BaseException:
+            for replica in new:
+                ray.kill(replica.actor, no_restart=True)
+            raise
         for replica, info in zip(new, infos, strict=True):
             replica.info = info
         self.replicas.extend(new)

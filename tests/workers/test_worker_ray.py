@@ -59,3 +59,23 @@ def test_mlp_in_ray_actor_matches_direct(ray_local: Any) -> None:
         assert set(ray_local.get(actor.memory.remote(), timeout=60)) == {"rss_bytes"}
     finally:
         ray_local.kill(actor)
+
+
+def test_a_start_that_times_out_leaves_no_actor(ray_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An actor Ray cannot place (asks for more CPUs than exist) is killed when its start gives
+    up, so it cannot start later and hold memory that no registry counts."""
+    import asyncio
+
+    from ray._private import state as ray_state
+
+    from manager import dispatcher
+
+    monkeypatch.setattr(dispatcher, "READY_TIMEOUT_S", 1.0)
+    spec = ModelSpec(id="huge", factory="workers.demo:noop", device="cpu", num_cpus=64)
+    pool = dispatcher.ReplicaPool(spec, inflight_per_replica=1, dispatch_attempts=1)
+    with pytest.raises(TimeoutError):
+        asyncio.run(pool.start(2))
+    assert pool.replicas == []
+    actors = ray_state.actors().values()  # from the GCS: the state API needs a dashboard
+    states = {a["State"] for a in actors if a["ActorClassName"].endswith("ModelWorker") and a["State"] != "DEAD"}
+    assert states == set(), f"actors left behind: {states}"
