@@ -5,7 +5,8 @@ offered load through each system:
 
 * ``direct``: the model called in-process at the batch size the clients allow (the limit);
 * ``nosq``: producer -> Redis -> manager -> Ray actor -> result (``benchmarks.peers.nosq``);
-* ``serve-handle`` / ``serve-http``: Ray Serve with ``@serve.batch`` (``benchmarks.peers.serve``);
+* ``serve-handle`` / ``serve-http``: Ray Serve with ``@serve.batch`` (``benchmarks.peers.serve``,
+  ``benchmarks.peers.serve_http``);
 * ``arq``: one job per request, a worker process that runs the model (``benchmarks.peers.arq_queue``).
 
 ``benchmarks.peers.load`` generates the load (closed loop over a concurrency sweep, open loop

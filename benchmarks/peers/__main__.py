@@ -35,10 +35,11 @@ SYSTEMS = ("direct", "nosq", "serve-handle", "serve-http", "arq")
 CONNECT = {
     "nosq": "benchmarks.peers.nosq:connect",
     "serve-handle": "benchmarks.peers.serve:connect_handle",
-    "serve-http": "benchmarks.peers.serve:connect_http",
+    "serve-http": "benchmarks.peers.serve_http:connect_http",
     "arq": "benchmarks.peers.arq_queue:connect",
 }
 PROFILE_PATTERN = "nosq:registry:profile:*"
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -69,13 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--redis-server", type=Path, default=None,
                         help="a redis-server binary: start it on a free loopback port for this run")
-    parser.add_argument("--ray-cpus", type=int, default=4, help="num_cpus of Serve's local Ray")
+    parser.add_argument("--ray-cpus", type=int, default=None,
+                        help="num_cpus of the run's local Ray (default: as nosq serve, max(cores, 4))")
     parser.add_argument("--serve-throughput-optimized", action="store_true",
                         help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's documented high-throughput mode)")
     parser.add_argument("--arq-poll-ms", type=float, default=500.0,
                         help="arq worker and job.result() poll interval (arq's default: 500)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
     parser.add_argument("--plots", type=Path, default=Path("docs/peers"), help="directory for PNGs ('' for none)")
+    parser.add_argument("--report-only", type=Path, default=None, metavar="JSON",
+                        help="measure nothing: print the table and draw the plots of an earlier run's JSON")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 0.5 s windows, concurrency 1,8, rates 50,200, a short profile")
     args = parser.parse_args(argv)
@@ -93,8 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only is not None:
+        _report(json.loads(args.report_only.read_text()), args, write=False)
+        return 0
     with _redis(args) as url:
         client = redis.Redis.from_url(url)
+        _check_unused(client, url)
         _clear(client)
         targets: list[Target] = []
         try:
@@ -108,18 +116,29 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         client.set(target.profile_key, target.replaced)
             client.close()
+    _report(results, args, write=True)
+    return 0
+
+
+def _report(results: dict[str, Any], args: argparse.Namespace, *, write: bool) -> None:
+    """The table, the goal checks, the JSON (``write``) and the plots."""
     print()
     print(report.table(results))
     for goal in results["goals"]:
         print(f"{'MET ' if goal['met'] else 'MISS'} {goal['goal']}: {goal['value']} (goal "
               f"{'<' if 'p50' in goal['goal'] else '>='} {goal['target']})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    print(f"figures: {args.out}")
+    if write:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        print(f"figures: {args.out}")
     if str(args.plots) not in ("", "."):
-        for path in report.plot(results, args.plots):
+        try:
+            paths = report.plot(results, args.plots)
+        except ImportError as exc:  # a bare GPU box: the JSON holds every figure
+            print(f"no plots: {exc} (pip install matplotlib)")
+            paths = []
+        for path in paths:
             print(f"plot: {path}")
-    return 0
 
 
 def run(args: argparse.Namespace, url: str, client: redis.Redis, targets: list[Target]) -> dict[str, Any]:
@@ -142,12 +161,13 @@ def run(args: argparse.Namespace, url: str, client: redis.Redis, targets: list[T
             for point in closed:
                 _log(target.id, "direct", f"c={point['clients']}", point)
             results["models"][target.id]["systems"]["direct"] = {"closed": closed}
-    for group in _groups(args.systems):
-        began = time.monotonic()
-        with _system(group[0], targets, args, url) as params:
-            print(f"{group[0]} started in {time.monotonic() - began:.1f} s", flush=True)
-            for name in group:
-                _measure(name, params, targets, args, url=url, results=results)
+    with _shared_ray(args) as ray_address:
+        for group in _groups(args.systems):
+            began = time.monotonic()
+            with _system(group[0], targets, args, url, ray_address) as params:
+                print(f"{group[0]} started in {time.monotonic() - began:.1f} s", flush=True)
+                for name in group:
+                    _measure(name, params, targets, args, url=url, results=results)
     for entry in results["models"].values():
         for system in entry["systems"].values():
             system["summary"] = report.summary(system)
@@ -170,18 +190,42 @@ def _groups(systems: list[str]) -> list[list[str]]:
     return groups
 
 
-def _system(name: str, targets: list[Target], args: argparse.Namespace,
-            url: str) -> AbstractContextManager[dict[str, Any]]:
+@contextmanager
+def _shared_ray(args: argparse.Namespace) -> Iterator[str | None]:
+    """One private Ray on loopback for the systems that run on Ray (nosq's manager joins it,
+    Serve runs in it), one after the other: started once, not once per system. None if no
+    system needs Ray."""
+    if not {"nosq", *report.SERVE_SYSTEMS} & set(args.systems):
+        yield None
+        return
+    import ray
+
+    from manager.raycluster import connect, disconnect
+
+    # set before Ray starts: its worker processes (Serve's replicas, proxy, controller) take
+    # the environment of the raylet, and import this package and the demo models
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    if args.serve_throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    connect(None, num_cpus=args.ray_cpus)
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        disconnect()
+
+
+def _system(name: str, targets: list[Target], args: argparse.Namespace, url: str,
+            ray_address: str | None) -> AbstractContextManager[dict[str, Any]]:
     print(f"starting {name} ...", flush=True)
     if name == "nosq":
         from benchmarks.peers import nosq
         from producer.settings import RedisSettings
 
-        return nosq.running(targets, RedisSettings(url=url))
+        return nosq.running(targets, RedisSettings(url=url), ray_address=ray_address)
     if name in report.SERVE_SYSTEMS:
         from benchmarks.peers import serve
 
-        return serve.running(targets, num_cpus=args.ray_cpus, throughput_optimized=args.serve_throughput_optimized)
+        return serve.running(targets, ray_address=str(ray_address))
     from benchmarks.peers import arq_queue
 
     return arq_queue.running(targets, url=url, poll_ms=args.arq_poll_ms)
@@ -260,6 +304,16 @@ def _meta(args: argparse.Namespace, url: str) -> dict[str, Any]:
     except ImportError:
         meta["ray"] = None
     return meta
+
+
+def _check_unused(client: redis.Redis, url: str) -> None:
+    """Refuse a db where a manager is serving: it would take half of our requests, and we its keys."""
+    from producer import keys
+
+    beats = sorted(k.decode() for k in client.scan_iter(keys.manager_heartbeat("*"), count=1000))
+    if beats:
+        raise SystemExit(f"peers: {url} is in use by running nosq manager(s) ({', '.join(beats)}); choose a free db "
+                         "with --redis-url redis://127.0.0.1:6379/<db>, or --redis-server PATH for a private Redis")
 
 
 def _clear(client: redis.Redis) -> None:

@@ -51,14 +51,16 @@ def _toml(value: Any) -> str:
 
 
 @contextmanager
-def running(targets: list[Target], settings: RedisSettings) -> Iterator[dict[str, Any]]:
-    """A manager serving ``targets`` until the block ends (SIGTERM, drained)."""
+def running(targets: list[Target], settings: RedisSettings, *, ray_address: str | None) -> Iterator[dict[str, Any]]:
+    """A manager serving ``targets`` until the block ends (SIGTERM, drained); it joins the Ray at
+    ``ray_address``, or starts its own."""
     from manager.demo import start_manager, stop_manager
 
     config = Path(tempfile.mkdtemp(prefix="nosq-peers-")) / "peers.toml"
     config.write_text(config_toml(targets))
+    join = ["--ray-address", ray_address] if ray_address else []
     process = start_manager(settings, "--config", str(config), "--log-level", "warning", "--metrics-port", "-1",
-                            consumer="peers-bench")
+                            *join, consumer="peers-bench")
     try:
         yield {"url": settings.url}
     finally:

@@ -10,6 +10,8 @@ __all__ = ["goals", "is_saturated", "plot", "summary", "table"]
 ACHIEVED_FRACTION = 0.95  # below this share of the offered rate, a system is saturated
 LATENCY_BLOWUP = 10.0  # or when its p99 exceeds this many times its p99 at the lowest rate
 SERVE_SYSTEMS = ("serve-handle", "serve-http")
+COLORS = {"direct": "black", "nosq": "C0", "serve-handle": "C1", "serve-http": "C2", "arq": "C3"}
+OFF_SCALE = 50.0  # direct is left off a throughput plot when it is this many times the best system (noop)
 
 
 def is_saturated(point: dict[str, Any], base_p99_ms: float | None) -> str:
@@ -133,15 +135,20 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     written = []
     for model, entry in results["models"].items():
         systems = entry["systems"]
+        best = {name: s.get("summary", {}).get("best_req_per_s") or 0.0 for name, s in systems.items()}
+        served = max((v for k, v in best.items() if k != "direct"), default=0.0)
+        off_scale = best.get("direct", 0.0) > OFF_SCALE * served > 0
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, system in systems.items():
             points = [p for p in system.get("closed", []) if p.get("req_per_s")]
-            if points:
+            if points and not (name == "direct" and off_scale):
                 ax.plot([p["clients"] for p in points], [p["req_per_s"] for p in points], marker="o", label=name,
-                        linestyle="--" if name == "direct" else "-")
+                        linestyle="--" if name == "direct" else "-", color=COLORS.get(name))
+        title = f"{model} on {device}: closed-loop throughput (b*={entry['target']['batch']})"
+        if off_scale:
+            title += f"\ndirect (in-process, up to {best['direct']:.3g}/s) is off this scale"
         ax.set(xscale="log", yscale="log", xlabel="concurrent clients (one request in flight each)",
-               ylabel="requests/s",
-               title=f"{model} on {device}: closed-loop throughput (b*={entry['target']['batch']})")
+               ylabel="requests/s", title=title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         path = out_dir / f"{device}-{model}-throughput.png"
@@ -158,11 +165,11 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
                 points = [p for p in system.get("open", []) if p.get(key) is not None]
                 if not points:
                     continue
-                line = ax.plot([p["offered_per_s"] for p in points], [p[key] for p in points], marker="o",
-                               label=name)
+                ax.plot([p["offered_per_s"] for p in points], [p[key] for p in points], marker="o", label=name,
+                        color=COLORS.get(name))
                 sat = [p for p in points if p.get("saturated")]
-                ax.plot([p["offered_per_s"] for p in sat], [p[key] for p in sat], marker="x", markersize=10,
-                        linestyle="none", color=line[0].get_color())
+                ax.plot([p["offered_per_s"] for p in sat], [p[key] for p in sat], marker="x", markersize=12,
+                        linestyle="none", color="black")
             ax.set(xscale="log", yscale="log", xlabel="offered requests/s (open loop)",
                    ylabel=f"{key[:3]} latency (ms)", title=f"{model} on {device}: {key[:3]} (x = saturated)")
             ax.grid(True, which="both", alpha=0.3)

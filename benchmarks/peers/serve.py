@@ -1,12 +1,12 @@
 """Ray Serve with ``@serve.batch`` (the same cap and wait as nosq), through a handle and HTTP.
 
-The driver starts a private Ray on loopback (``manager.raycluster.connect``), Serve's HTTP proxy
-on 127.0.0.1 at a free port, and one application per model (route ``/<model>``) whose replica
-hosts the model with the run's torch threads. ``max_ongoing_requests`` is raised well above the
-batch cap (Serve's default of 5 would cap every batch at 5). Handle clients join that Ray
-instance from the load processes; HTTP clients POST the item's float32 bytes with aiohttp.
-Imported only when a Serve system runs: a GPU box without ``ray[serve]`` never imports it.
-"""
+In the run's private Ray on loopback (started by the harness; this process is its driver):
+Serve's HTTP proxy on 127.0.0.1 at a free port, and one application per model (route
+``/<model>``) whose replica hosts the model with the run's torch threads.
+``max_ongoing_requests`` is raised well above the batch cap (Serve's default of 5 would cap
+every batch at 5). Handle clients join that Ray from the load processes; the HTTP clients are
+in ``benchmarks.peers.serve_http``. Imported only when a Serve system runs: a GPU box without
+``ray[serve]`` never imports it."""
 
 from __future__ import annotations
 
@@ -24,10 +24,9 @@ from starlette.responses import Response
 from benchmarks.peers.models import Target, build_model
 from workers.spec import ModelSpec
 
-__all__ = ["connect_handle", "connect_http", "running"]
+__all__ = ["connect_handle", "running"]
 
 TIMEOUT_S = 60.0
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @serve.deployment
@@ -73,20 +72,12 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running(targets: list[Target], *, num_cpus: int, throughput_optimized: bool) -> Iterator[dict[str, Any]]:
-    """Serve with one application per target until the block ends, then Serve and Ray stop."""
-    import ray
-
-    from manager.raycluster import connect, disconnect
-
-    # the replica, proxy and controller processes import this module and the demo models
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    if throughput_optimized:
-        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
-    connect(None, num_cpus=num_cpus)
+def running(targets: list[Target], *, ray_address: str) -> Iterator[dict[str, Any]]:
+    """Serve with one application per target in the run's Ray (this process is its driver)
+    until the block ends; then Serve is shut down, its actors with it."""
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         for target in targets:
             app = BatchedModel.options(
                 name=target.id, max_ongoing_requests=max(4 * target.batch, 512),
@@ -95,10 +86,9 @@ def running(targets: list[Target], *, num_cpus: int, throughput_optimized: bool)
             ).bind(target.spec.model_dump_json(), target.batch, target.spec.max_wait_ms / 1000)
             serve.run(app, name=target.id, route_prefix=f"/{target.id}",
                       logging_config={"log_level": "WARNING"})
-        yield {"address": ray.get_runtime_context().gcs_address, "http": f"http://127.0.0.1:{port}",
-               "apps": [t.id for t in targets]}
+        yield {"address": ray_address, "http": f"http://127.0.0.1:{port}", "apps": [t.id for t in targets]}
     finally:
-        disconnect()  # the private Ray instance goes, and Serve's controller, proxy and replicas with it
+        serve.shutdown()
 
 
 class HandleClient:
@@ -125,31 +115,3 @@ async def connect_handle(params: dict[str, Any]) -> HandleClient:
     ray.init(address=params["address"], _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False, logging_level="warning")
     return HandleClient({app: serve.get_app_handle(app) for app in params["apps"]})
-
-
-class HttpClient:
-    def __init__(self, base: str, session: Any) -> None:
-        self.base = base
-        self.session = session
-
-    async def call(self, model: str, x: np.ndarray) -> None:
-        url = f"{self.base}/{model}?shape={','.join(str(d) for d in x.shape)}"
-        async with self.session.post(url, data=x.tobytes()) as response:
-            body = await response.read()
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
-
-    async def aclose(self) -> None:
-        await self.session.close()
-
-    def extra(self) -> dict[str, Any]:
-        return {}
-
-
-async def connect_http(params: dict[str, Any]) -> HttpClient:
-    """An aiohttp session with no connection limit: every client keeps its own connection."""
-    import aiohttp
-
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                    timeout=aiohttp.ClientTimeout(total=TIMEOUT_S))
-    return HttpClient(params["http"], session)
