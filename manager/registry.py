@@ -149,7 +149,8 @@ class Reservation:
     """What ``reserve`` decided.
 
     ``reason`` (WAIT): ``"freeing"`` — draining models will free enough, retry after they are
-    released; ``"busy"`` — every candidate is loading or has batches in flight; ``"draining"`` —
+    released; ``"busy"`` — every candidate is loading, has batches in flight or was loaded less
+    than ``eviction.MIN_READY_MS`` ago and has served nothing yet; ``"draining"`` —
     this model itself is being evicted, retry after it is released.
     ``owner``/``node``/``device``/``state``: where the model is (ALREADY, WAIT "draining").
     """
@@ -177,8 +178,9 @@ class Eviction:
     """One eviction decision of ``reserve``, as logged by the script that made it.
 
     ``candidates`` are the models counted on the device at that instant, with the fields the
-    policy read (``evictable`` ones could be chosen); ``victims`` were chosen, in order, to free
-    ``need_bytes`` so that ``model`` fits. ``at_ms`` is Redis's clock (the log entry's id).
+    policy read (``evictable`` ones at ``at_ms`` could be chosen); ``victims`` were chosen, in
+    order, to free ``need_bytes`` so that ``model`` fits. ``at_ms`` is the script's clock (Redis
+    ``TIME``), the time the decision was made at.
     """
 
     at_ms: int
@@ -193,7 +195,7 @@ class Eviction:
     def policy_victims(self) -> tuple[str, ...]:
         """The victims ``manager.eviction`` chooses from the same candidates: equal to ``victims``
         when the Lua mirror decided as the Python policy does."""
-        chosen = eviction.choose_victims(self.candidates, self.need_bytes, eviction.policy(self.policy))
+        chosen = eviction.choose_victims(self.candidates, self.need_bytes, eviction.policy(self.policy), self.at_ms)
         return tuple(r.model for r in chosen or ())
 
 
@@ -282,9 +284,10 @@ for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
 end
 local need = nbytes - (budget - used) - draining
 if need <= 0 then return {'wait', 'freeing'} end
-local victims = choose_victims(cands, need, policy)
+local clock = now_ms()
+local victims = choose_victims(cands, need, policy, clock)
 if not victims then return {'wait', 'busy'} end
-local now = int(now_ms())
+local now = int(clock)
 local out, chosen, seen = {'evict'}, {}, {}
 for _, c in ipairs(victims) do
   redis.call('HSET', prefix .. c.id, 'state', 'draining', 'draining_at', now, 'evicted_for', model)
@@ -300,7 +303,7 @@ for _, c in ipairs(cands) do
                                   int(c.uses), int(c.inflight), int(c.backlog), int(c.reload_ms)}, ' ')
 end
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', EVICTIONS_KEPT, '*', 'for', model, 'node', node, 'device', device,
-           'policy', policy, 'need', int(need), 'victims', table.concat(chosen, ','),
+           'policy', policy, 'at', now, 'need', int(need), 'victims', table.concat(chosen, ','),
            'candidates', table.concat(seen, ','))
 return out
 """.replace("EVICTIONS_KEPT", f"'{EVICTIONS_KEPT}'")
@@ -680,7 +683,8 @@ def _eviction(entry_id: Any, raw: Mapping[Any, Any]) -> Eviction:
             model=model, state=ModelState(state) if state in _STATES else ModelState.EVICTED, nbytes=int(nbytes),
             loaded_at_ms=int(loaded_at), last_used_ms=int(last_used), uses=int(uses), inflight=int(inflight),
             backlog=int(backlog), reload_ms=float(reload_ms)))
-    return Eviction(at_ms=int(_s(entry_id).partition("-")[0]), model=fields.get("for", ""),
+    at_ms = int(fields.get("at") or _s(entry_id).partition("-")[0])
+    return Eviction(at_ms=at_ms, model=fields.get("for", ""),
                     node=fields.get("node", ""), device=fields.get("device", ""), policy=fields.get("policy", ""),
                     need_bytes=int(fields.get("need", 0)),
                     victims=tuple(filter(None, fields.get("victims", "").split(","))),

@@ -7,6 +7,7 @@ import pytest
 from manager import eviction
 from manager.eviction import (
     MIB,
+    MIN_READY_MS,
     POLICY_NAMES,
     CostAware,
     Fifo,
@@ -30,7 +31,7 @@ def ids(victims: list[Resident] | None) -> list[str] | None:
 
 def test_public_api() -> None:
     assert set(eviction.__all__) == {
-        "LUA_CHOOSE_VICTIMS", "MIB", "POLICY_NAMES", "RELOAD_FLOOR_MS", "CostAware", "EvictionPolicy",
+        "LUA_CHOOSE_VICTIMS", "MIB", "MIN_READY_MS", "POLICY_NAMES", "RELOAD_FLOOR_MS", "CostAware", "EvictionPolicy",
         "Fifo", "Lfu", "Lru", "ModelState", "Resident", "choose_victims", "cost_score", "evictable", "policy",
     }
 
@@ -106,3 +107,14 @@ def test_nothing_needed_means_no_victims() -> None:
     assert choose_victims([ready("a")], 0, Fifo()) == []
     assert choose_victims([], -5, Fifo()) == []
     assert choose_victims([], 1, Fifo()) is None
+
+
+def test_a_model_that_served_nothing_is_kept_for_min_ready_ms_after_its_load() -> None:
+    fresh = ready("fresh", loaded_at_ms=10_000, uses=0)
+    used = ready("used", loaded_at_ms=10_000, uses=1)
+    for name in POLICY_NAMES:
+        at = 10_000 + MIN_READY_MS - 1
+        assert ids(choose_victims([fresh, used], 100, policy(name), at)) == ["used"]
+        assert choose_victims([fresh, used], 101, policy(name), at) is None  # wait: do not take the fresh one
+        assert ids(choose_victims([fresh], 100, policy(name), 10_000 + MIN_READY_MS)) == ["fresh"]
+        assert ids(choose_victims([fresh], 100, policy(name))) == ["fresh"]  # no time given: no such rule

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio
 
 from manager import registry as registry_module
+from manager.eviction import MIN_READY_MS
 from manager.registry import (
     EVENTS_CHANNEL,
     ModelState,
@@ -219,6 +220,25 @@ async def test_each_eviction_decision_is_logged_with_what_it_was_made_from(
     assert logged.at_ms > 0
 
 
+async def test_a_fresh_model_that_served_nothing_is_no_victim_yet(any_client: redis.asyncio.Redis,
+                                                                 ready_model: ReadyModel) -> None:
+    """The registry's own clock: READY just now, no batch yet: kept (the load it just paid for
+    would be wasted); after one batch, or MIN_READY_MS after its load, it may go."""
+    reg = Registry(any_client, owner="mgr-a")
+    await reg.set_budget(NODE, GPU, 200)
+    await ready_model(reg, "a", 100)
+    await ready_model(reg, "b", 100)
+    assert await reg.reserve("x", node=NODE, device=GPU, nbytes=100) == Reservation(Outcome.WAIT, reason="busy")
+    await reg.touch("b", 1)  # b served a batch: it may go, a (older by FIFO) still may not
+    assert (await reg.reserve("x", node=NODE, device=GPU, nbytes=100)).victims == (Victim("b", "mgr-a", 100),)
+    now_ms = int((await any_client.time())[0]) * 1000
+    await any_client.hset(keys.registry("model:a"), "loaded_at", str(now_ms - MIN_READY_MS))  # type: ignore[misc]
+    assert (await reg.reserve("y", node=NODE, device=GPU, nbytes=200)).victims == (Victim("a", "mgr-a", 100),)
+    logged = await reg.evictions()
+    assert [e.victims for e in logged] == [("b",), ("a",)]
+    assert all(e.victims == e.policy_victims() for e in logged)  # the log replays with its decision time
+
+
 async def test_loading_models_are_never_victims(any_client: redis.asyncio.Redis) -> None:
     reg = Registry(any_client, owner="mgr-a")
     await reg.set_budget(NODE, GPU, 200)
@@ -231,7 +251,7 @@ async def test_a_draining_model_is_not_reloaded_until_released(any_client: redis
                                                                ready_model: ReadyModel) -> None:
     owner_a, owner_b = Registry(any_client, owner="mgr-a"), Registry(any_client, owner="mgr-b")
     await owner_a.set_budget(NODE, GPU, 100)
-    await ready_model(owner_a, "a", 100)
+    await ready_model(owner_a, "a", 100, uses=1)
     assert (await owner_b.reserve("b", node=NODE, device=GPU, nbytes=100)).victims == (Victim("a", "mgr-a", 100),)
     got = await owner_b.reserve("a", node=NODE, device=GPU, nbytes=100)
     assert (got.outcome, got.reason, got.owner) == (Outcome.WAIT, "draining", "mgr-a")
@@ -317,7 +337,7 @@ async def test_events_announce_each_state(any_client: redis.asyncio.Redis, ready
         confirmation = await pubsub.get_message(timeout=2.0)
         assert confirmation is not None
         assert confirmation["type"] == "subscribe"
-        await ready_model(reg, "a", 100)
+        await ready_model(reg, "a", 100, uses=1)
         await reg.reserve("b", node=NODE, device=GPU, nbytes=100)
         await reg.release("a")
         await reg.reserve("b", node=NODE, device=GPU, nbytes=100)
@@ -334,8 +354,8 @@ async def test_events_announce_each_state(any_client: redis.asyncio.Redis, ready
 async def test_set_backlog_feeds_the_cost_policy(any_client: redis.asyncio.Redis, ready_model: ReadyModel) -> None:
     reg = Registry(any_client, owner="mgr-a", policy="cost")
     await reg.set_budget(NODE, GPU, 200)
-    await ready_model(reg, "a", 100, load_ms=100)
-    await ready_model(reg, "b", 100, load_ms=150)
+    await ready_model(reg, "a", 100, load_ms=100, uses=1)
+    await ready_model(reg, "b", 100, load_ms=150, uses=1)
     await reg.set_backlog({"a": 3, "b": 0})  # a: 200 * 4 = 800 > b: 250
     got = await reg.reserve("x", node=NODE, device=GPU, nbytes=100)
     assert [v.model for v in got.victims] == ["b"]
