@@ -36,12 +36,12 @@ streams are empty with nothing pending; every actor of an evicted model exited w
 ``EXIT_GRACE_S`` of the registry's ``evicted`` event (the loader releases the bytes once
 ``ray.kill`` is sent, and Ray ends the process asynchronously: 10-50 ms on an idle machine,
 seconds when the 2 cores are saturated, so (b) is what bounds the real memory meanwhile); after
-the managers stop, no actor is left and the registry counts nothing. The eviction log (``Registry.evictions``) holds each decision
-with the candidates' policy fields: the victims chosen must be those ``manager.eviction``
-chooses from the same candidates, under the policy that was configured, and the candidates'
-``loaded_at`` must follow the order of the registry's ``ready`` events (load order, seen
-independently on Pub/Sub). The run must have loaded and evicted several times, by more than one
-manager.
+the managers stop, no actor is left and the registry counts nothing. The eviction log
+(``Registry.evictions``) holds each decision with the candidates' policy fields: the victims
+chosen must be those ``manager.eviction`` chooses from the same candidates at the same time,
+under the policy that was configured, and the candidates' ``loaded_at`` must follow the order
+of the registry's ``ready`` events (load order, seen independently on Pub/Sub). The run must
+have loaded and evicted several times, by more than one manager.
 
 Figures are printed (``-s``) and appended to ``$NOSQ_BUDGET_REPORT`` when it is set.
 """
