@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0
 # the GCS's health checks of each raylet: a killed node is dead after 3 missed checks of 0.5 s
+# one token for every cluster of this process: Ray caches the token it first reads in a process
+_TOKEN = secrets.token_hex(32)
 HEAD_ENV = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "500",
             "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "3"}
 
@@ -62,7 +64,7 @@ class LocalCluster:
         # short: Ray's socket paths (<temp>/session_.../sockets/raylet.N) must fit 107 bytes
         self.temp_dir = Path(tempfile.mkdtemp(prefix="nosq-rc-", dir="/tmp"))
         self.token_path = self.temp_dir / "auth_token"
-        self.token_path.write_text(secrets.token_hex(32), encoding="utf-8")
+        self.token_path.write_text(_TOKEN, encoding="utf-8")
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[Node] = []
@@ -87,6 +89,16 @@ class LocalCluster:
         return args
 
     def _start(self, name: str, args: list[str], resources: dict[str, float], extra_env: dict[str, str]) -> Node:
+        """Start a node and wait until it says it runs; tried twice: on a loaded machine a
+        worker node's first call to the GCS can pass Ray's own 30 s deadline."""
+        try:
+            return self._start_once(name, args, resources, extra_env)
+        except RuntimeError:
+            self.kill_node(self.nodes[-1])
+            return self._start_once(f"{name}-again", args, resources, extra_env)
+
+    def _start_once(self, name: str, args: list[str], resources: dict[str, float],
+                    extra_env: dict[str, str]) -> Node:
         log = self.temp_dir / f"{name}.log"
         command = [sys.executable, "-m", "tests.cluster.raynode", "start", *args, "--node-ip-address", "127.0.0.1",
                    "--num-cpus", "1", "--resources", json.dumps(resources), "--object-store-memory",

@@ -15,6 +15,7 @@ SIGKILLed whole (raylet, agents, the model's worker), a new node with ``node_a``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -31,14 +32,16 @@ import ray
 import redis
 from ray._raylet import Config  # type: ignore[attr-defined]
 
-from manager import raycluster
+from manager import dispatcher, raycluster
 from manager.demo import start_manager, stop_manager
-from producer import NosqError, Producer, RedisSettings, keys
+from producer import Handle, NosqError, Producer, RedisSettings, keys
+from producer.aio import AsyncProducer
 from producer.wire import decode_envelope
 from tests.chaos.chaos_support import reply_notices
 from tests.cluster.cluster_support import LocalCluster
 from tests.cluster.conftest import REDIS_URL
-from tests.manager.harness import results
+from tests.manager.harness import config, manager_settings, results, running_manager, spec
+from tests.manager.harness import wait_for as harness_wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 
@@ -247,3 +250,42 @@ def test_pinned_replica_follows_its_resource_to_a_new_node_and_nothing_is_lost(
           f"{accepted_at_kill - answered_at_kill} pinned requests unanswered, {len(on_a & on_a2)} batch(es) of it "
           f"retried; replica back on node-a2 "
           f"{recovered_s:.1f} s later; test {time.monotonic() - started:.0f} s", flush=True)
+
+
+@pytest.mark.timeout(240)
+async def test_batches_held_by_a_node_that_does_not_come_back_are_answered_not_lost(
+        db1: redis.Redis, cluster: LocalCluster, driver: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no node left that offers its resources, a replica stays RESTARTING in Ray. The
+    batches it held when its node died are answered ``internal`` once the restart wait ends
+    (300 s; 6 s here); those sent to it later wait in Ray and run when a node joins again, and the
+    model serves again. Every request gets exactly one answer, none is left pending."""
+    node_a = cluster.start_node("node-a", {"node_a": 1})
+    raycluster.connect(cluster.address)  # the manager below joins this driver's Ray
+    model = spec("pinned", "slow", max_batch=4, options={"delay_s": 0.08}, num_cpus=0.5,
+                 resources={"node_a": 1})
+    settings = manager_settings(redis=RedisSettings(url=REDIS_URL), ray_address=cluster.address)
+    rng = np.random.default_rng(0)
+    handles: list[Handle] = []
+    async with running_manager(config(model), settings), AsyncProducer(RedisSettings(url=REDIS_URL)) as producer:
+        first = await producer.submit_many("pinned", [rng.standard_normal(4, dtype=np.float32) for _ in range(8)])
+        assert all(env.ok for env in [await producer.outcome(h, timeout_s=30) for h in first])
+        monkeypatch.setattr(dispatcher, "READY_TIMEOUT_S", 6.0)  # the restart wait, not the start
+        for _ in range(10):  # a batch is running, more are queued and buffered
+            handles += await producer.submit_many("pinned", [rng.standard_normal(4, dtype=np.float32)] * 4)
+            await asyncio.sleep(0.05)
+        cluster.kill_node(node_a)
+        ids = [h.id for h in handles]
+        await harness_wait_for(lambda: any(not decode_envelope("msgpack", d).ok for d in results(db1, ids).values()),
+                               60, "the held batches answered")
+        monkeypatch.setattr(dispatcher, "READY_TIMEOUT_S", 300.0)  # a restart on the new node may be slow
+        await asyncio.to_thread(cluster.start_node, "node-a2", {"node_a": 1})
+        envelopes = [await producer.outcome(h, timeout_s=90) for h in handles]
+        later = await producer.submit_many("pinned", [rng.standard_normal(4, dtype=np.float32)] * 8)
+        again = [await producer.outcome(h, timeout_s=60) for h in later]
+        assert all(env.ok for env in again), f"not serving again: {[(env.code, env.message) for env in again]}"
+    codes = Counter(env.code or "ok" for env in envelopes)
+    assert set(codes) <= {"ok", "internal"} and codes["internal"] >= 1, codes
+    assert all("did not restart" in env.message for env in envelopes if not env.ok)
+    assert len(results(db1, ids)) == len(ids)
+    assert int(db1.xpending(keys.requests("pinned"), keys.GROUP)["pending"]) == 0  # type: ignore[index]
+    print(f"\nCLUSTER node-a gone for good: {dict(codes)} of {len(ids)} requests", flush=True)
