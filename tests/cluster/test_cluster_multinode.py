@@ -11,6 +11,8 @@ SIGKILLed whole (raylet, agents, the model's worker), a new node with ``node_a``
 * every accepted request got exactly one result, all ok: none lost (the batches the dead node
   held were retried), none written twice (one completion per id in the reply stream);
 * nothing is left pending in either stream, and no process of the cluster outlives the test.
+
+A second test lets the node stay gone past the restart wait (see its docstring).
 """
 
 from __future__ import annotations
