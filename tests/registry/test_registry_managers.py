@@ -421,6 +421,7 @@ async def test_managers_share_a_budget_under_random_traffic(policy: str, ray_hea
         f"requests={len(accepted)} answered={len(answers)} outcomes={dict(outcomes)} "
         f"loads={loads} evictions={evicted_before_stop} decisions={len(decisions)} "
         f"busy_skips={busy_skips(decisions, policy)} victims_ready_for_s={sorted(served_for)} "
+        f"victims_uses={sorted(c.uses for d in decisions for c in d.candidates if c.model in d.victims)} "
         f"owners={ {m: len(o) for m, o in sorted(sampler.owners.items())} } "
         f"samples={sampler.samples} peak_registry={sampler.peak_used / MIB:.0f}MiB "
         f"peak_models_rss={sampler.peak_rss / MIB:.1f}MiB {sampler.peak_rss_detail} "
