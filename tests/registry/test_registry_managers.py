@@ -34,7 +34,7 @@ After the traffic: every accepted request got exactly one result (one completion
 producer's reply stream, and a result key), each ok and equal to its input (an echo); the
 streams are empty with nothing pending; every actor of an evicted model exited within
 ``EXIT_GRACE_S`` of the registry's ``evicted`` event (the loader releases the bytes once
-``ray.kill`` is sent, and Ray ends the process asynchronously: 10-50 ms on an idle machine,
+``ray.kill`` is sent, and Ray ends the process asynchronously: 10-60 ms on an idle machine,
 seconds when the 2 cores are saturated, so (b) is what bounds the real memory meanwhile); after
 the managers stop, no actor is left and the registry counts nothing. The eviction log
 (``Registry.evictions``) holds each decision with the candidates' policy fields: the victims
