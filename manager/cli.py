@@ -49,7 +49,7 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to drain on SIGTERM")
     serve.add_argument("--priority-lookahead", type=int, default=None,
                        help="entries read beyond the next batches, so priorities reorder a backlog in the stream "
-                            "(default 0: only what the replicas can take next is reordered)")
+                            "(default 256; 0: only what the replicas can take next is reordered)")
     serve.add_argument("--node", default=None, help="this manager's node name in the registry (default: host name)")
     serve.add_argument("--cpu-budget-mib", type=float, default=None,
                        help="RAM the models may take; set: models load on demand and are evicted by policy "

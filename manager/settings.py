@@ -22,7 +22,7 @@ class ManagerSettings(BaseModel):
     block_ms: int = Field(default=200, ge=1, description="longest blocking XREADGROUP")
     inflight_per_replica: int = Field(default=2, ge=1, description="batches queued at each replica")
     priority_lookahead: int = Field(
-        default=0, ge=0, description="entries read beyond what the replicas can take next, so that priorities "
+        default=256, ge=0, description="entries read beyond what the replicas can take next, so that priorities "
         "reorder a backlog in the stream, not only the next batches (each costs memory and stays in this "
         "manager's pending list; managers sharing a model share its backlog less evenly)")
     janitor_interval_s: float = Field(default=2.0, gt=0)

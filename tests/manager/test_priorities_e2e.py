@@ -9,7 +9,7 @@ counter per manager), which gives each request's completion rank without any clo
   complete while it runs (aging: a waiting request climbs a level every second), with high
   ones still being served after the last low one.
 
-``priority_lookahead`` lets the manager read past the next batches, so that priorities act
+``priority_lookahead`` (default 256) lets the manager read past the next batches, so that priorities act
 across a backlog in the stream; without it only the few requests it has read are reordered.
 """
 
@@ -75,7 +75,7 @@ async def all_results(ids: list[str], timeout_s: float) -> dict[str, Envelope]:
 @pytest.mark.timeout(120)
 async def test_high_priority_runs_before_a_backlog_of_low(ray_cluster: None, db1: redis.asyncio.Redis) -> None:
     model = spec("prio", "slow", max_batch=4, options={"delay_s": 0.05})
-    settings = manager_settings(redis=RedisSettings(url=REDIS_URL), inflight_per_replica=1, priority_lookahead=256)
+    settings = manager_settings(redis=RedisSettings(url=REDIS_URL), inflight_per_replica=1)  # the default lookahead
     lows = [entry("prio", [float(i)] * 4, priority=LOW) for i in range(40)]
     highs = [entry("prio", [float(1000 + i)] * 4, priority=HIGH) for i in range(12)]
     async with running_manager(config(model), settings):
@@ -91,7 +91,7 @@ async def test_high_priority_runs_before_a_backlog_of_low(ray_cluster: None, db1
 @pytest.mark.timeout(120)
 async def test_low_priority_completes_while_high_keeps_arriving(ray_cluster: None, db1: redis.asyncio.Redis) -> None:
     model = spec("prio", "slow", max_batch=2, options={"delay_s": 0.05})
-    settings = manager_settings(redis=RedisSettings(url=REDIS_URL), inflight_per_replica=1, priority_lookahead=256)
+    settings = manager_settings(redis=RedisSettings(url=REDIS_URL), inflight_per_replica=1)  # the default lookahead
     high_in_flight = 8  # always this many high requests waiting or running: more than one batch
     stop = asyncio.Event()
     high_done: list[Envelope] = []
