@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,7 @@ __all__ = ["Replica", "ReplicaPool"]
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
+EXIT_TIMEOUT_S = 30.0  # how long a killed actor may take to be gone
 # a batch is tried again after these: its worker died (ActorDiedError), is unreachable because its
 # node went away (ActorUnavailableError), or its output was lost with that node's object store
 _WORKER_LOST = (RayActorError, NodeDiedError, ObjectLostError)
@@ -115,14 +118,13 @@ class ReplicaPool:
         # a rare control-path wait, bounded: slots are plain counters the pipeline's batch tasks release
         while any(r.inflight for r in retiring) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        for replica in retiring:
-            ray.kill(replica.actor, no_restart=True)
+        await _kill(retiring)
         log.info("model %s: scaled to %d replica(s)", self.spec.id, replicas)
 
     async def stop(self) -> None:
-        for replica in self.replicas:
-            ray.kill(replica.actor, no_restart=True)
-        self.replicas.clear()
+        """Kill every replica and return once they are gone (see ``_kill``)."""
+        replicas, self.replicas = self.replicas, []
+        await _kill(replicas)
 
     # -- slots ------------------------------------------------------------------------------
 
@@ -216,3 +218,39 @@ class ReplicaPool:
 def _cluster_gpus() -> float:
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     return resources.get("GPU", 0.0)
+
+
+async def _kill(replicas: list[Replica]) -> None:
+    """Kill the actors, then wait (at most ``EXIT_TIMEOUT_S``) until Ray reports each dead and,
+    for one that ran on this host, its process has exited: only then is its memory free, and
+    only then may the registry count it as released."""
+    for replica in replicas:
+        ray.kill(replica.actor, no_restart=True)
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    for replica in replicas:
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(replica.actor.ready.remote(), max(0.05, deadline - time.monotonic()))
+            except (RayActorError, TimeoutError):
+                break
+            await asyncio.sleep(0.05)  # it still answers: the kill has not landed yet
+        info = replica.info or {}
+        pid = info.get("pid")
+        if isinstance(pid, int) and info.get("host") == socket.gethostname():
+            while _running(pid) and time.monotonic() < deadline:  # noqa: ASYNC110 - a process has no event
+                await asyncio.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (Linux /proc; elsewhere: it exists)."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

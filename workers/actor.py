@@ -15,6 +15,7 @@ import importlib
 import os
 import re
 import resource
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -112,6 +113,7 @@ class ModelWorker:
             signature = None
         return {
             "pid": os.getpid(),
+            "host": socket.gethostname(),
             "device": str(self.device),
             "device_kind": device_kind(self.device),
             "signature": signature,

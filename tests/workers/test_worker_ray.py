@@ -79,3 +79,23 @@ def test_a_start_that_times_out_leaves_no_actor(ray_local: Any, monkeypatch: pyt
     actors = ray_state.actors().values()  # from the GCS: the state API needs a dashboard
     states = {a["State"] for a in actors if a["ActorClassName"].endswith("ModelWorker") and a["State"] != "DEAD"}
     assert states == set(), f"actors left behind: {states}"
+
+
+def test_stop_returns_once_the_actor_process_is_gone(ray_local: Any) -> None:
+    """The registry releases a model's bytes after ``stop()``: its process must be gone by then."""
+    import asyncio
+
+    from manager import dispatcher
+
+    spec = ModelSpec(id="mlp", factory="workers.demo:mlp", device="cpu", threads=1, num_cpus=0.25)
+    pool = dispatcher.ReplicaPool(spec, inflight_per_replica=1, dispatch_attempts=1)
+
+    async def start_then_stop() -> list[int]:
+        await pool.start(2)
+        pids = [int((r.info or {})["pid"]) for r in pool.replicas]
+        await pool.stop()
+        return pids
+
+    pids = asyncio.run(start_then_stop())
+    assert pool.replicas == []
+    assert [pid for pid in pids if dispatcher._running(pid)] == []
