@@ -17,14 +17,14 @@ nvidia-smi -L | tee "$out/cards.txt"
 for step in $steps; do
     started=$(date +%s)
     case $step in
-        packing) python3 -m benchmarks.gpu_packing --redis-server "$redis" --seconds 60 \
+        packing) python3 -m benchmarks.gpu_packing --redis-server "$redis" --seconds 40 \
                      --out "$out/gpu_packing.json" ;;
         peers) python3 -m benchmarks.peers --device cuda --models cnn,transformer --systems direct,nosq \
                    --redis-server "$redis" --out "$out/peers_cuda.json" --plots "$out" ;;
         # a model that keeps a GPU busy with small items (8 KiB in and out): 3.2 B parameters
-        scaling) python3 -m benchmarks.scaling --device cuda --model transformer --layouts 1x1,1x2,2x1 \
+        scaling) python3 -m benchmarks.scaling --device cuda --model transformer --layouts 1x1,1x2 \
                      --options '{"d_model": 1024, "nhead": 16, "layers": 256, "seq": 2}' --max-batch 256 \
-                     --latency-budget-ms 500 --producers 6 --seconds 15 --redis-server "$redis" \
+                     --latency-budget-ms 500 --producers 6 --seconds 10 --redis-server "$redis" \
                      --out "$out/scaling_cuda.json" ;;
         # the request path's own ceiling on this machine (no model work): noop, 1 and 2 managers
         ceiling) python3 -m benchmarks.scaling --device cpu --model noop --layouts 1x1,2x1 --producers 6 \
