@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", type=_csv(str), default=["noop", "mlp"],
                         help="demo models (noop,mlp,cnn,transformer)")
     parser.add_argument("--systems", type=_csv(str), default=list(SYSTEMS), help=",".join(SYSTEMS))
-    parser.add_argument("--concurrency", type=_csv(int), default=[1, 4, 16, 64, 256],
-                        help="closed loop: concurrent clients, one request in flight each")
+    parser.add_argument("--concurrency", type=_csv(int), default=[1, 4, 16, 64, 256, 1024],
+                        help="closed loop: concurrent clients, one request in flight each (filling b* takes "
+                             "2-4 x b* in flight)")
     parser.add_argument("--rates", type=_csv(float), default=[50, 200, 500, 1000, 2000, 5000, 10000],
                         help="open loop: offered requests/s; a system's sweep stops after its first saturated rate "
                              "(empty: no open loop)")
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a redis-server binary: start it on a free loopback port for this run")
     parser.add_argument("--ray-cpus", type=int, default=None,
                         help="num_cpus of the run's local Ray (default: as nosq serve, max(cores, 4))")
+    parser.add_argument("--ray-worker-niceness", type=int, default=None,
+                        help="nice value of Ray's worker processes, nosq's actors and Serve's replicas alike "
+                             "(default: Ray's, 15; direct and arq run at the caller's, 0)")
     parser.add_argument("--serve-throughput-optimized", action="store_true",
                         help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's documented high-throughput mode)")
     parser.add_argument("--arq-poll-ms", type=float, default=500.0,
@@ -125,8 +129,8 @@ def _report(results: dict[str, Any], args: argparse.Namespace, *, write: bool) -
     print()
     print(report.table(results))
     for goal in results["goals"]:
-        print(f"{'MET ' if goal['met'] else 'MISS'} {goal['goal']}: {goal['value']} (goal "
-              f"{'<' if 'p50' in goal['goal'] else '>='} {goal['target']})")
+        verdict = "MET " if goal["met"] else "MISS"
+        print(f"{verdict} {goal['goal']}: {goal['value']} (goal {goal['op']} {goal['target']})")
     if write:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
@@ -207,6 +211,8 @@ def _shared_ray(args: argparse.Namespace) -> Iterator[str | None]:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     if args.serve_throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    if args.ray_worker_niceness is not None:  # Ray starts its workers (the actors) at nice 15
+        os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)  # noqa: SIM112 (Ray spells it so)
     connect(None, num_cpus=args.ray_cpus)
     try:
         yield str(ray.get_runtime_context().gcs_address)

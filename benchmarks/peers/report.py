@@ -98,7 +98,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     def check(name: str, value: float | None, goal: float, *, below: bool = False) -> None:
         if value is not None:
             met = value < goal if below else value >= goal
-            out.append({"goal": name, "value": round(value, 3), "target": goal, "met": met})
+            out.append({"goal": name, "value": round(value, 3), "target": goal, "op": "<" if below else ">=",
+                        "met": met})
 
     def serve_best(model: str, key: str, pick: Any = max) -> float | None:
         values = [v for v in (best(model, s, key) for s in SERVE_SYSTEMS) if v is not None]
