@@ -84,7 +84,7 @@ class Shard:
     first_error: str = ""
     cpu_s: float = 0.0  # this process's CPU time over the window
     lags_ms: list[float] = field(default_factory=list)  # open loop: actual send - scheduled send
-    done_at: list[float] = field(default_factory=list)  # open loop: when each of the window's arrivals finished
+    answered: list[tuple[float, float]] = field(default_factory=list)  # open loop: (scheduled, done) in window
     abandoned: int = 0  # still waiting when the drain time ran out
     shed: int = 0  # open loop: arrivals not sent because max_inflight were waiting
     extra: dict[str, Any] = field(default_factory=dict)
@@ -198,24 +198,35 @@ def summarise(shards: Sequence[Shard]) -> dict[str, Any]:
         result["sent_per_s"] = sum(s.sent for s in shards) / window
         result["lag_p99_ms"] = _pct(lags, 0.99) if lags else 0.0
         result["completed_in_window_per_s"] = result["req_per_s"]
-        result["req_per_s"] = achieved_rate([t for s in shards for t in s.done_at], window)
+        result["req_per_s"] = achieved_rate([a for s in shards for a in s.answered], window)
     if extra:
         result["extra"] = extra
     return result
 
 
-def achieved_rate(done_at: Sequence[float], window_s: float) -> float:
-    """Open loop: how fast a window's arrivals were answered, whenever that was.
+def achieved_rate(answered: Sequence[tuple[float, float]], window_s: float) -> float:
+    """Open loop: how fast the window's arrivals were answered, whenever that was.
 
-    The rate between their first and last answer (a system that keeps up answers them over the
-    window's length, however long each waits; a saturated one over longer), and never more than
-    their count over the window (arrivals left unanswered lower it). Counting answers inside the
-    window instead would call a system with 0.5 s latency saturated in a 5 s window."""
-    if len(done_at) < 2:
-        return len(done_at) / window_s
-    span = max(done_at) - min(done_at)
-    spread = (len(done_at) - 1) / span if span > 0 else float("inf")
-    return min(spread, len(done_at) / window_s)
+    From ``(scheduled, done)`` pairs: the arrivals between the centre of the first fifth and the
+    centre of the last fifth (by schedule) over the time between those fifths' median answer
+    times. A system that keeps up answers them as fast as they came, however long each waits; a
+    saturated one answers them at its own rate, its latency growing over the window. Medians
+    make it robust to answers that come in bursts (arq's 0.5 s polls); answers inside the
+    window would call a system with 0.5 s latency saturated in a 5 s window. Never more than
+    the answered count over the window (unanswered arrivals lower it)."""
+    n = len(answered)
+    if n < 10:
+        return n / window_s
+    pairs = sorted(answered)
+    k = n // 5
+    first, last = pairs[:k], pairs[-k:]
+    c1 = statistics.median(s for s, _ in first)
+    c2 = statistics.median(s for s, _ in last)
+    d1 = c1 + statistics.median(d - s for s, d in first)
+    d2 = c2 + statistics.median(d - s for s, d in last)
+    between = sum(1 for s, _ in pairs if c1 <= s <= c2)
+    rate = between / (d2 - d1) if d2 > d1 else float("inf")
+    return min(rate, n / window_s)
 
 
 def percentiles(sorted_ms: Sequence[float]) -> dict[str, float | None]:
@@ -333,7 +344,7 @@ async def _open(client: Client, items: list[np.ndarray], start: float, cmd: Open
         if scheduled >= t0:
             shard.latencies_ms.append((done - scheduled) * 1000)
             shard.lags_ms.append((sent - scheduled) * 1000)
-            shard.done_at.append(done)
+            shard.answered.append((scheduled, done))
         if t0 <= done <= t1:
             shard.completed += 1
 
