@@ -103,7 +103,7 @@ class Plan:
     weights_bytes: int
     baseline_bytes: int
     memory_limit_bytes: int
-    memory_method: str  # "cuda_max_allocated", "rss_sampled" or "none"
+    memory_method: str  # "cuda_max_reserved" ("cuda_max_allocated" in older profiles), "rss_sampled", "none"
     threads: int
     torch_version: str
     stop_over_budget: bool = True

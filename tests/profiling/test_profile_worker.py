@@ -32,7 +32,7 @@ def check_curve(profile: Profile, spec: ModelSpec) -> None:
         assert p.reps >= 3
     assert profile.plan.fingerprint == spec.fingerprint()
     assert profile.plan.weights_bytes >= 0 and profile.plan.memory_limit_bytes > 0
-    assert profile.plan.memory_method in ("rss_sampled", "cuda_max_allocated")
+    assert profile.plan.memory_method in ("rss_sampled", "cuda_max_reserved")
     chosen = profile.point(profile.best_batch)
     assert chosen is not None and 1 <= profile.best_batch <= spec.max_batch
     assert chosen.p95_ms <= spec.latency_budget_ms
