@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -36,15 +37,18 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def redis_url(url: str, server: str | None) -> Iterator[str]:
-    """``url`` as it is, or, with ``server`` (a redis-server binary), a private server's URL."""
+    """``url`` as it is, or, with ``server`` (a redis-server binary, or its name on PATH), the URL
+    of a private server started on a free loopback port, with ``url``'s db number."""
     if server is None:
         yield url
         return
+    binary = shutil.which(server) or server
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="nosq-bench-redis-")
-    process = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+    process = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
                                 "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
-    private = f"redis://127.0.0.1:{port}/0"
+    db = redis.Redis.from_url(url).connection_pool.connection_kwargs.get("db", 0)
+    private = f"redis://127.0.0.1:{port}/{db}"
     client = redis.Redis.from_url(private)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -54,8 +58,9 @@ def redis_url(url: str, server: str | None) -> Iterator[str]:
                 break
             except redis.ConnectionError:
                 if time.monotonic() > deadline or process.poll() is not None:
-                    raise
-                time.sleep(0.05)
+                    raise RuntimeError(f"{binary} did not answer on port {port}") from None
+                time.sleep(0.05)  # a process starting: nothing to wait on
+        print(f"redis-server {binary} on {private}", flush=True)
         yield private
     finally:
         client.close()

@@ -16,9 +16,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +27,7 @@ import redis
 
 from benchmarks.peers import report
 from benchmarks.peers.models import Target, resolve
+from benchmarks.support import redis_url
 
 SYSTEMS = ("direct", "nosq", "serve-handle", "serve-http", "arq")
 CONNECT = {
@@ -336,38 +334,9 @@ def _clear(client: redis.Redis) -> None:
         client.unlink(*batch)
 
 
-@contextmanager
-def _redis(args: argparse.Namespace) -> Iterator[str]:
+def _redis(args: argparse.Namespace) -> AbstractContextManager[str]:
     """The Redis URL to use: ``--redis-url``, or a redis-server of our own with ``--redis-server``."""
-    if args.redis_server is None:
-        yield args.redis_url
-        return
-    binary = shutil.which(str(args.redis_server)) or str(args.redis_server)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",
-                                "no", "--protected-mode", "yes"], stdout=subprocess.DEVNULL)
-    db = redis.Redis.from_url(args.redis_url).connection_pool.connection_kwargs.get("db", 0)
-    url = f"redis://127.0.0.1:{port}/{db}"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"{binary} did not answer on port {port}") from None
-                time.sleep(0.05)  # another process starting: nothing to wait on
-        client.close()
-        print(f"redis-server {binary} on {url}", flush=True)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
-
+    return redis_url(args.redis_url, None if args.redis_server is None else str(args.redis_server))
 
 if __name__ == "__main__":
     sys.exit(main())

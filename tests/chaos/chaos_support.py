@@ -33,6 +33,7 @@ from manager.demo import start_manager, stop_manager
 from producer import NosqError, Producer, RedisSettings, keys
 from producer.wire import decode_envelope
 from tests.manager.harness import results
+from tests.procs import descendants, proc_table
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/7"  # db 7: the chaos/fuzz tier's own
@@ -183,35 +184,6 @@ class ManagerProcess:
         return status
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every live, non-zombie process."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        if stat[0] != "Z":
-            table[int(entry.name)] = (int(stat[1]), cmdline)
-    return table
-
-
-def descendants(pid: int) -> dict[int, str]:
-    table = _proc_table()
-    found: dict[int, str] = {}
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, (ppid, cmdline) in table.items():
-            if ppid == parent and child not in found:
-                found[child] = cmdline
-                frontier.append(child)
-    return found
-
-
 def model_workers(manager_pid: int) -> list[int]:
     """pids of the ``ray::ModelWorker`` actor processes of one manager's own Ray."""
     return [pid for pid, cmd in descendants(manager_pid).items() if cmd.startswith("ray::ModelWorker")]
@@ -220,7 +192,7 @@ def model_workers(manager_pid: int) -> list[int]:
 def ray_processes_of(pid: int) -> list[int]:
     """Live processes of the Ray a driver with ``pid`` started (the session dir names that pid)."""
     pattern = re.compile(rf"session_\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_{pid}\b")
-    return [p for p, (_, cmd) in _proc_table().items() if p != pid and pattern.search(cmd)]
+    return [p for p, (_, cmd) in proc_table().items() if p != pid and pattern.search(cmd)]
 
 
 def kill_ray_of(pid: int, timeout_s: float = 15.0) -> list[int]:

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.procs import descendants
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0
 # the GCS's health checks of each raylet: a killed node is dead after 3 missed checks of 0.5 s
@@ -128,7 +130,7 @@ class LocalCluster:
     def kill_node(self, node: Node) -> None:
         """The node goes away at once, as a lost host would: SIGKILL its raylet, its agents and
         its workers (each worker in a process group of its own)."""
-        node.pids |= set(descendants(node.process.pid))
+        node.pids |= set(descendants(node.process.pid, zombies=True))
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.process.pid, signal.SIGKILL)
         for pid in node.pids:
@@ -172,24 +174,3 @@ class LocalCluster:
         return left
 
 
-def descendants(pid: int) -> dict[int, str]:
-    """Every live process under ``pid`` (children, their children, ...)."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        table[int(entry.name)] = (int(stat[1]), cmdline)
-    found: dict[int, str] = {}
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, (ppid, cmdline) in table.items():
-            if ppid == parent and child not in found:
-                found[child] = cmdline
-                frontier.append(child)
-    return found

@@ -35,6 +35,7 @@ import redis.asyncio
 
 from manager.registry import EVENTS_CHANNEL, ModelState, parse_event
 from producer import keys
+from tests.procs import children
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
@@ -57,26 +58,6 @@ def repo_env(token_path: Path) -> dict[str, str]:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
     return env
-
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every live, non-zombie process."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        if stat[0] != "Z":
-            table[int(entry.name)] = (int(stat[1]), cmdline)
-    return table
-
-
-def children(pid: int) -> dict[int, str]:
-    return {child: cmd for child, (ppid, cmd) in _proc_table().items() if ppid == pid}
 
 
 def model_workers(raylet_pid: int) -> list[int]:
