@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ import redis.asyncio
 from pydantic import PrivateAttr
 
 from producer import RedisSettings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REDIS_URL = "redis://127.0.0.1:6379"
 TEST_DB = 9  # tests never touch db 0
@@ -77,3 +80,23 @@ def redis_db(redis_url: str) -> Iterator[RedisSettings]:
 def fake_settings() -> FakeRedisSettings:
     """Settings whose sync and async clients share one fresh fakeredis server."""
     return FakeRedisSettings()
+
+
+@pytest.fixture(scope="module")
+def ray_repo() -> Iterator[None]:
+    """A private Ray on loopback for one module, whose workers can import the test models (the
+    repository root goes on their PYTHONPATH)."""
+    from manager import raycluster
+
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, (saved or "").split(os.pathsep))])
+    started = raycluster.connect(None, 4)
+    try:
+        yield
+    finally:
+        if started:
+            raycluster.disconnect()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved

@@ -14,12 +14,11 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import sys
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ import pytest
 import redis
 import redis.asyncio
 
-from manager import raycluster
 from manager.service import Manager
 from manager.settings import ManagerSettings
 from producer import RedisSettings
@@ -43,23 +41,6 @@ ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/8"  # db 8: this module's own (db 10 is the rest of tests/manager)
 MIB = 1024 * 1024
 DELAY_S = 0.2  # per batch of one: 5 requests/s per replica
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    """A private Ray on loopback for this module (the test models import from the repo root)."""
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, (saved or "").split(os.pathsep))])
-    started = raycluster.connect(None, 4)
-    try:
-        yield
-    finally:
-        if started:
-            raycluster.disconnect()
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture
@@ -149,7 +130,7 @@ def scale_lines(caplog: pytest.LogCaptureFixture, model: str) -> list[str]:
 
 
 async def test_a_burst_scales_up_and_idle_scales_back_down(
-        ray_local: None, db8: redis.asyncio.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        ray_repo: None, db8: redis.asyncio.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="manager.scaling")
     record = tmp_path / "calls.jsonl"
     firsts = range(40)  # 8 s of work for one replica; the target is 1 s
@@ -183,7 +164,7 @@ async def test_a_burst_scales_up_and_idle_scales_back_down(
 
 
 async def test_scale_to_zero_unloads_and_a_request_brings_it_back_within_the_budget(
-        ray_local: None, db8: redis.asyncio.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        ray_repo: None, db8: redis.asyncio.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="manager.scaling")
     record = tmp_path / "calls.jsonl"
     model = scaled_spec("zero", record, min_replicas=0)

@@ -12,18 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis.asyncio
 
-from manager import raycluster
 from manager.profiles import store
 from manager.registry import Registry
 from manager.service import Manager
@@ -40,23 +38,6 @@ MIB = 1024 * 1024
 MODEL_BYTES = 40 * MIB  # weights 30 MiB + 10 MiB at b*, per the stored profiles
 BUDGET = 100 * MIB  # two models fit, three do not
 REQUESTS = 12
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    """A private Ray on loopback for this module (the test models import from the repo root)."""
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, (saved or "").split(os.pathsep))])
-    started = raycluster.connect(None, 4)
-    try:
-        yield
-    finally:
-        if started:
-            raycluster.disconnect()
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
 
 
 def models() -> ServeConfig:
@@ -132,7 +113,7 @@ def nosq_models_json(url: str) -> dict[str, list[dict[str, object]]]:
     return parsed
 
 
-async def test_fifo_loads_on_demand_and_evicts_the_first_loaded(ray_local: None, registry_url: str) -> None:
+async def test_fifo_loads_on_demand_and_evicts_the_first_loaded(ray_repo: None, registry_url: str) -> None:
     client = redis.asyncio.Redis.from_url(registry_url)
     try:
         async with budget_manager(registry_url, "fifo") as (manager, samples):
@@ -163,7 +144,7 @@ async def test_fifo_loads_on_demand_and_evicts_the_first_loaded(ray_local: None,
         await client.aclose()
 
 
-async def test_lru_evicts_the_least_recently_used(ray_local: None, registry_url: str) -> None:
+async def test_lru_evicts_the_least_recently_used(ray_repo: None, registry_url: str) -> None:
     client = redis.asyncio.Redis.from_url(registry_url)
     try:
         async with budget_manager(registry_url, "lru") as (manager, _):
