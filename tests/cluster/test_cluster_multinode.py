@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import ray
 import redis
-from ray._raylet import Config  # type: ignore[attr-defined]
+from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
 from manager import dispatcher, raycluster
 from manager.demo import start_manager, stop_manager
@@ -173,6 +173,7 @@ def driver(cluster: LocalCluster) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in cluster.env()}
     os.environ.update(cluster.env())
     Config.initialize("")  # Ray read RAY_AUTH_MODE when it was imported: read it again
+    AuthenticationTokenLoader.instance().reset_cache()  # and the token: this cluster's own
     try:
         cluster.start_head({"head": 1})
         yield
@@ -184,6 +185,9 @@ def driver(cluster: LocalCluster) -> Iterator[None]:
             else:
                 os.environ[name] = value
         Config.initialize("")
+        # the loader caches the token it read: a later local Ray (this pytest process's next
+        # tests) must not present this cluster's token to a GCS that expects its own
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 @pytest.mark.timeout(240)
