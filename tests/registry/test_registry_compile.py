@@ -13,13 +13,13 @@ from manager.service import Manager
 from manager.settings import ManagerSettings
 from producer import RedisSettings
 from tests.manager.harness import entry, wait_envelope, xadd_all
-from tests.registry.test_registry_manager import nosq_models_json, ray_local  # noqa: F401 - fixture
+from tests.registry.test_registry_manager import nosq_models_json
 from workers.spec import ModelSpec, ServeConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 
-async def test_compile_fallback_is_recorded_and_shown(ray_local: None, registry_url: str) -> None:  # noqa: F811
+async def test_compile_fallback_is_recorded_and_shown(ray_repo: None, registry_url: str) -> None:
     spec = ModelSpec(id="branchy", factory="tests.compile.test_compile_fallback:branchy", device="cpu",
                      max_batch=4, num_cpus=0.25, threads=1, compile="trace")
     settings = ManagerSettings(redis=RedisSettings(url=registry_url), consumer=f"cmp-{uuid.uuid4().hex[:8]}",
