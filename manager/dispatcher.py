@@ -25,7 +25,7 @@ from producer.wire import ErrorCode
 from workers.actor import BatchResult, ItemResult, ModelWorker
 from workers.spec import ModelSpec
 
-__all__ = ["Replica", "ReplicaPool"]
+__all__ = ["Replica", "ReplicaPool", "wants_gpu"]
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
@@ -87,12 +87,10 @@ class ReplicaPool:
         log.info("model %s: %d replica(s) ready on %s", self.spec.id, count, infos[0].get("device"))
 
     def _actor_options(self) -> dict[str, Any]:
-        wants_gpu = self.spec.device == "cuda" or (
-            self.spec.device == "auto" and _cluster_gpus() > 0
-        )
+        gpu = wants_gpu(self.spec)
         options: dict[str, Any] = {
             "num_cpus": self.spec.num_cpus,
-            "num_gpus": self.gpu_share if wants_gpu else 0,
+            "num_gpus": self.gpu_share if gpu else 0,
             "max_restarts": -1,
             "max_task_retries": 0,
             "max_concurrency": 1,
@@ -100,7 +98,7 @@ class ReplicaPool:
             # custom resources (spec.resources) pin the replicas to the nodes that offer them
             "resources": dict(self.spec.resources),
         }
-        if wants_gpu:
+        if gpu:
             env = {}
             if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:  # an operator's own setting wins
                 # batches of every size up to b* fragment the caching allocator: on an H100 a
@@ -222,6 +220,11 @@ class ReplicaPool:
 
     async def memory(self) -> list[dict[str, int]]:
         return list(await asyncio.gather(*(r.actor.memory.remote() for r in self.replicas)))
+
+
+def wants_gpu(spec: ModelSpec) -> bool:
+    """The model runs on a GPU: its spec says cuda, or auto and the cluster has GPUs."""
+    return spec.device == "cuda" or (spec.device == "auto" and _cluster_gpus() > 0)
 
 
 def _cluster_gpus() -> float:

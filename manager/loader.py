@@ -47,7 +47,7 @@ from typing import Any
 import redis.asyncio
 
 from manager import placement
-from manager.dispatcher import ReplicaPool, _cluster_gpus
+from manager.dispatcher import ReplicaPool, _cluster_gpus, wants_gpu
 from manager.pipeline import ModelPipeline
 from manager.profiles import ProfileRecord, decode, ensure_profile
 from manager.registry import ModelState, Outcome, Registry, RegistryError, ReservationLost
@@ -161,18 +161,23 @@ class Loader:
 
     # -- loading ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def wants_gpu(spec: ModelSpec) -> bool:
-        return spec.device == "cuda" or (spec.device == "auto" and _cluster_gpus() > 0)
-
-    async def device_for(self, spec: ModelSpec, nbytes: int) -> str:
-        if not self.wants_gpu(spec):
-            return CPU_DEVICE
+    async def _place_on_gpu(self, model: str, nbytes: int) -> str:
+        """The first GPU of this node with room for ``nbytes`` (else the first: the reserve then
+        evicts there); its actors ask Ray for their measured share of it (manager.placement)."""
+        pool = self._pools[model]
         gpus = [d for d in await self.registry.devices(self._settings.node) if d["device"].startswith("cuda")]
         if not gpus:
-            raise RegistryError(f"model {spec.id!r} wants a GPU but node {self._settings.node} has no GPU budget")
+            raise RegistryError(f"model {model!r} wants a GPU but node {self._settings.node} has no GPU budget")
         index = placement.first_fit(nbytes, [d["free_bytes"] for d in gpus])
-        return str(gpus[index if index is not None else 0]["device"])
+        row = gpus[index if index is not None else 0]
+        budget = int(row["budget_bytes"])
+        if budget > 0:
+            per_replica = nbytes // max(1, pool.spec.replicas)
+            pool.gpu_share = placement.gpu_fraction(per_replica, budget)
+            log.info("model %s: %.2f of a GPU per replica (%d MiB of %d MiB)", model, pool.gpu_share,
+                     per_replica >> 20, budget >> 20)
+        pool.device = str(row["device"])
+        return pool.device
 
     async def load_now(self, model: str, stop: asyncio.Event) -> None:
         """Load ``model`` without waiting for backlog (a control-plane request)."""
@@ -186,16 +191,6 @@ class Loader:
         self._busy.add(model)
         await self._load(model, stop)
 
-    async def _share_gpu(self, model: str, device: str, nbytes: int) -> None:
-        """Each replica asks Ray for its measured share of the GPU (manager.placement)."""
-        pool = self._pools[model]
-        for row in await self.registry.devices(self._settings.node):
-            if row["device"] == device and int(row["budget_bytes"]) > 0:
-                per_replica = nbytes // max(1, pool.spec.replicas)
-                pool.gpu_share = placement.gpu_fraction(per_replica, int(row["budget_bytes"]))
-                log.info("model %s: %.2f of a GPU per replica (%d MiB of %d MiB)", model, pool.gpu_share,
-                         per_replica >> 20, int(row["budget_bytes"]) >> 20)
-
     async def _load(self, model: str, stop: asyncio.Event) -> None:
         try:
             await self._load_when_room(model, stop)
@@ -205,14 +200,12 @@ class Loader:
     async def _load_when_room(self, model: str, stop: asyncio.Event) -> None:
         spec = self._pools[model].spec
         node = self._settings.node
-        kind = (self._gpu_kind or "cuda") if self.wants_gpu(spec) else CPU_DEVICE
+        gpu = wants_gpu(spec)
+        kind = (self._gpu_kind or "cuda") if gpu else CPU_DEVICE
         nbytes = await model_bytes(self._redis, spec, kind, self._settings.default_model_bytes)
-        if kind != CPU_DEVICE:
+        if gpu:
             nbytes += self._settings.gpu_overhead_bytes * spec.replicas
-        device = await self.device_for(spec, nbytes)
-        if device != CPU_DEVICE:
-            await self._share_gpu(model, device, nbytes)
-            self._pools[model].device = device
+        device = await self._place_on_gpu(model, nbytes) if gpu else CPU_DEVICE
         while not stop.is_set():
             reservation = await self.registry.reserve(model, node=node, device=device, nbytes=nbytes)
             if reservation.outcome is Outcome.RESERVED:
