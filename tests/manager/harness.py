@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import inspect
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -62,6 +65,21 @@ def manager_settings(**overrides: Any) -> ManagerSettings:
     overrides.setdefault("shutdown_timeout_s", 15.0)
     overrides.setdefault("profile_on_start", False)
     return ManagerSettings(**overrides)
+
+
+@contextlib.asynccontextmanager
+async def locked_db(db: int) -> AsyncIterator[redis.asyncio.Redis]:
+    """An async client on ``db`` of the real Redis, flushed before and after, under an exclusive
+    file lock on that db (other pytest processes on this machine may use it too)."""
+    with (Path(tempfile.gettempdir()) / f"nosq-tests-redis-db{db}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = redis.asyncio.Redis.from_url(f"redis://127.0.0.1:6379/{db}")
+        try:
+            await client.flushdb()
+            yield client
+            await client.flushdb()
+        finally:
+            await client.aclose()
 
 
 @contextlib.asynccontextmanager

@@ -10,12 +10,9 @@ the memory budget holds, and every request is answered exactly once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import json
 import logging
 import sys
-import tempfile
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -31,7 +28,7 @@ from manager.service import Manager
 from manager.settings import ManagerSettings
 from producer import RedisSettings
 from producer.errors import NosqError
-from tests.manager.harness import config, entry, spec, wait_envelope, wait_for, xadd_all
+from tests.manager.harness import config, entry, locked_db, running_manager, spec, wait_envelope, wait_for, xadd_all
 from tests.manager.models import read_record
 from workers.spec import ModelSpec
 
@@ -45,16 +42,8 @@ DELAY_S = 0.2  # per batch of one: 5 requests/s per replica
 
 @pytest.fixture
 async def db8() -> AsyncIterator[redis.asyncio.Redis]:
-    """A client on db 8, flushed before and after, under an exclusive lock on that db."""
-    with (Path(tempfile.gettempdir()) / "nosq-tests-redis-db8.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        client = redis.asyncio.Redis.from_url(REDIS_URL)
-        try:
-            await client.flushdb()
-            yield client
-            await client.flushdb()
-        finally:
-            await client.aclose()
+    async with locked_db(8) as client:
+        yield client
 
 
 def scaled_spec(model: str, record: Path, **fields: Any) -> ModelSpec:
@@ -68,17 +57,6 @@ def settings(**overrides: Any) -> ManagerSettings:
                  "shutdown_timeout_s": 15.0, "profile_on_start": False, "autoscale_interval_s": 0.1,
                  "load_poll_ms": 100, "node": "testnode", **overrides}
     return ManagerSettings(**overrides)
-
-
-@contextlib.asynccontextmanager
-async def running(model: ModelSpec, manager_settings: ManagerSettings) -> AsyncIterator[Manager]:
-    manager = Manager(config(model), manager_settings)
-    try:
-        await manager.start()
-        yield manager
-    finally:
-        await manager.stop()
-    assert manager.failed is None, f"a manager task failed: {manager.failed!r}"
 
 
 async def burst(client: redis.asyncio.Redis, model: str, firsts: range) -> list[tuple[str, float]]:
@@ -134,7 +112,7 @@ async def test_a_burst_scales_up_and_idle_scales_back_down(
     caplog.set_level(logging.INFO, logger="manager.scaling")
     record = tmp_path / "calls.jsonl"
     firsts = range(40)  # 8 s of work for one replica; the target is 1 s
-    async with running(scaled_spec("burst", record), settings()) as manager:
+    async with running_manager(config(scaled_spec("burst", record)), settings()) as manager:
         assert replicas(manager, "burst") == 1
         sent = await burst(db8, "burst", firsts)
         await wait_for(lambda: replicas(manager, "burst") > 1, 30, "scaled up under the burst")
@@ -170,7 +148,7 @@ async def test_scale_to_zero_unloads_and_a_request_brings_it_back_within_the_bud
     model = scaled_spec("zero", record, min_replicas=0)
     # 100 MiB a replica (no stored profile), a 250 MiB budget: 2 replicas fit, the third does not
     budget = settings(cpu_budget_bytes=250 * MIB, default_model_bytes=100 * MIB)
-    async with running(model, budget) as manager:
+    async with running_manager(config(model), budget) as manager:
         assert manager.loader is not None
         sent = await burst(db8, "zero", range(50))  # 10 s of work for one replica
         await wait_for(lambda: replicas(manager, "zero") == 2, 30, "scaled up as far as the budget allows")

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -30,7 +27,7 @@ import redis.asyncio
 from producer import RedisSettings
 from producer.aio import AsyncProducer
 from producer.wire import Envelope, decode_envelope
-from tests.manager.harness import config, entry, manager_settings, running_manager, spec, wait_for, xadd_all
+from tests.manager.harness import config, entry, locked_db, manager_settings, running_manager, spec, wait_for, xadd_all
 from tests.manager.harness import results as result_envelopes
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
@@ -40,21 +37,9 @@ HIGH, LOW = 0, 2
 
 
 @pytest.fixture
-def db1_lock() -> Iterator[None]:
-    with (Path(tempfile.gettempdir()) / "nosq-tests-redis-db1.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-@pytest.fixture
-async def db1(db1_lock: None) -> AsyncIterator[redis.asyncio.Redis]:
-    client = RedisSettings(url=REDIS_URL).async_client()
-    try:
-        await client.flushdb()
+async def db1() -> AsyncIterator[redis.asyncio.Redis]:
+    async with locked_db(1) as client:
         yield client
-        await client.flushdb()
-    finally:
-        await client.aclose()
 
 
 def batch_rank(envelope: Envelope) -> int:
