@@ -42,9 +42,9 @@ with batches in flight must drain first, and one of 0 bytes frees nothing. Nor, 
 decision's time is given (the reserve script always gives it), a model that has served nothing
 since it became READY less than ``MIN_READY_MS`` ago: in the instant between its load and its
 first batch it is idle, and the loads waiting for room retry every ``load_poll_ms``; without
-this rule they took it then, whatever the policy, and every load was wasted before the
-requests it was loaded for ran (``tests/registry/test_registry_managers.py`` saw every
-eviction hit a model READY for under 0.4 s).
+this rule one could take it then, whatever the policy, wasting its load before the requests it
+was loaded for ran (``tests/registry/test_registry_managers.py`` saw 1 of 13 decisions in a run
+take a model that had just loaded and served nothing).
 """
 
 from __future__ import annotations
