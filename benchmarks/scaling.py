@@ -44,11 +44,15 @@ def parse_layouts(text: str) -> list[tuple[int, int]]:
     return layouts
 
 
-def model_config(args: argparse.Namespace, replicas: int) -> str:
-    spec = ModelSpec(id=args.model, factory=f"workers.demo:{args.model}", device=args.device, replicas=replicas,
+def model_spec(args: argparse.Namespace, replicas: int) -> ModelSpec:
+    return ModelSpec(id=args.model, factory=f"workers.demo:{args.model}", device=args.device, replicas=replicas,
                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, num_cpus=args.num_cpus,
                      latency_budget_ms=args.latency_budget_ms,
                      threads=args.threads, options=json.loads(args.options))
+
+
+def model_config(args: argparse.Namespace, replicas: int) -> str:
+    spec = model_spec(args, replicas)
     return "[[models]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in spec.model_dump(
         include={"id", "factory", "device", "replicas", "max_batch", "max_wait_ms", "latency_budget_ms",
                  "num_cpus", "threads"}).items()
@@ -87,25 +91,21 @@ def chosen_batch(settings: RedisSettings, model: str) -> int | None:
 
 
 def direct(args: argparse.Namespace, batch: int, seconds: float) -> float:
-    """Items per second of the model called in-process on one device at ``batch``."""
+    """Items per second of the model called in-process on one device at ``batch``: inputs arrive
+    and results leave on the host, as served (``benchmarks.peers.direct``)."""
     import torch
 
-    from workers import demo
+    from benchmarks.peers.direct import time_batches
+    from benchmarks.peers.models import build_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
-    model = getattr(demo, args.model)(**json.loads(args.options)).to(device)
-    x = torch.stack([model.example_input()] * batch)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x.to(device)).cpu()
-        n = 0
-        started = time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            model(x.to(device)).cpu()  # inputs arrive and results leave on the host, as served
-            n += batch
-    return n / (time.perf_counter() - started)
+    model = build_model(model_spec(args, 1), str(device))
+    host = torch.stack([model.example_input()] * batch)
+    time_batches(model, host, device, 0.5)  # warm-up
+    times = time_batches(model, host, device, seconds)
+    return batch * len(times) / sum(times)
 
 
 def run_layout(args: argparse.Namespace, url: str, managers_n: int, replicas: int) -> dict[str, Any]:

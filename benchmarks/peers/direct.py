@@ -17,7 +17,7 @@ import torch
 from benchmarks.peers.load import percentiles
 from benchmarks.peers.models import Target, build_model, input_items
 
-__all__ = ["run_direct"]
+__all__ = ["run_direct", "time_batches"]
 
 
 def run_direct(target: Target, *, clients: list[int], warmup_s: float, seconds: float) -> list[dict[str, Any]]:
@@ -33,7 +33,7 @@ def run_direct(target: Target, *, clients: list[int], warmup_s: float, seconds: 
         batch = min(n, target.batch)
         host = torch.from_numpy(np.stack([items[i % len(items)] for i in range(batch)]))
         for window, record in ((warmup_s, False), (seconds, True)):
-            times = _loop(model, host, device, window)
+            times = time_batches(model, host, device, window)
             if record:
                 done = batch * len(times)
                 figures.append({"clients": n, "batch": batch, "req_per_s": done / sum(times), "n": done,
@@ -41,7 +41,9 @@ def run_direct(target: Target, *, clients: list[int], warmup_s: float, seconds: 
     return figures
 
 
-def _loop(model: torch.nn.Module, host: torch.Tensor, device: torch.device, seconds: float) -> list[float]:
+def time_batches(model: torch.nn.Module, host: torch.Tensor, device: torch.device, seconds: float) -> list[float]:
+    """Run the batch ``host`` (copied to ``device``, output back to the host) back to back for
+    ``seconds`` (at least once); each run's seconds."""
     cuda = device.type == "cuda"
     times = []
     with torch.inference_mode():
