@@ -61,6 +61,9 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
                             "allocator slack), counted in the GPU budget (default 768)")
     serve.add_argument("--eviction-policy", choices=["fifo", "lru", "lfu", "cost"], default=None,
                        help="which loaded model leaves first when one must load and does not fit (default fifo)")
+    serve.add_argument("--redis-outage-limit-s", type=float, default=None,
+                       help="exit (status 1, with the reason) once one Redis outage lasts this long (default: wait "
+                            "for Redis however long it takes; /healthz answers 503 meanwhile)")
     serve.add_argument("--metrics-port", type=int, default=9108,
                        help="port of /metrics and /healthz on 127.0.0.1 (default: %(default)s; -1: none)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics server")
@@ -192,6 +195,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["gpu_overhead_bytes"] = int(args.gpu_overhead_mib * 1024 * 1024)
     if args.eviction_policy:
         overrides["eviction_policy"] = args.eviction_policy
+    if args.redis_outage_limit_s is not None:
+        overrides["redis_outage_limit_s"] = args.redis_outage_limit_s
     if args.metrics_port >= 0:
         overrides.update(metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     manager = Manager(config, ManagerSettings(**overrides))

@@ -16,10 +16,8 @@ from typing import Any
 import redis.asyncio
 
 from manager.pipeline import ModelPipeline
-from manager.results import error
 from manager.settings import ManagerSettings
 from producer import keys
-from producer.wire import BadEntry, ErrorCode, parse_request
 
 __all__ = ["Janitor"]
 
@@ -36,7 +34,6 @@ class Janitor:
         self._settings = settings
         self._pipelines = pipelines
         self.reclaimed = 0
-        self.dead_lettered = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -75,7 +72,7 @@ class Janitor:
                 await self._redis.xack(pipeline.stream, keys.GROUP, *deleted)
             if entries:
                 taken += len(entries)
-                await self._admit_claimed(pipeline, entries)
+                await pipeline.admit_redelivered(entries)
             if start == "0-0" or not entries:
                 break
         if taken:
@@ -83,48 +80,6 @@ class Janitor:
             pipeline.metrics.reclaimed.labels(pipeline.spec.id).inc(taken)
             log.warning("model %s: reclaimed %d idle entries", pipeline.spec.id, taken)
         return taken
-
-    async def _admit_claimed(self, pipeline: ModelPipeline, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        held = set(pipeline.held_entries())  # ours already: admit() would skip them too, but count them out
-        entries = [(eid, fields) for eid, fields in entries if eid.decode() not in held]
-        if not entries:
-            return
-        counts = await self._deliveries(pipeline.stream, [eid for eid, _ in entries])
-        fresh: dict[int, list[tuple[bytes, dict[bytes, bytes]]]] = {}
-        poison: list[tuple[bytes, dict[bytes, bytes], int]] = []
-        for entry_id, fields in entries:
-            count = counts.get(entry_id, 2)
-            if count > self._settings.max_deliveries and fields:
-                poison.append((entry_id, fields, count))
-            else:
-                fresh.setdefault(count, []).append((entry_id, fields))
-        for count, group in fresh.items():
-            await pipeline.admit(group, deliveries=count)
-        if poison:
-            await self._dead_letter(pipeline, poison)
-
-    async def _deliveries(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
-        rows: Any = await self._redis.xpending_range(stream, keys.GROUP, min=ids[0], max=ids[-1], count=len(ids) * 4)
-        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
-
-    async def _dead_letter(self, pipeline: ModelPipeline, poison: list[tuple[bytes, dict[bytes, bytes], int]]) -> None:
-        finished = []
-        for entry_id, fields, count in poison:
-            try:
-                request = parse_request(entry_id, fields)
-            except BadEntry:
-                continue  # the dead-letter stream keeps it; there is nobody to answer
-            request.deliveries = count
-            finished.append(error(pipeline.spec.id, request, ErrorCode.DEAD_LETTER,
-                                  f"delivered {count} times without completing (limit "
-                                  f"{self._settings.max_deliveries}); moved to {keys.dead_letters(pipeline.spec.id)}"))
-        # results first: the entry is acked only once its answer is written
-        if finished:
-            await pipeline.writer.write([f for f in finished], extra_acks=None)
-        reasons = [(eid, fields, f"delivered {count} times") for eid, fields, count in poison]
-        await pipeline.dead_letter(reasons, ErrorCode.DEAD_LETTER)
-        self.dead_lettered += len(poison)
-        pipeline.metrics.dead_letters.labels(pipeline.spec.id).inc(len(poison))
 
     async def refresh(self, pipeline: ModelPipeline) -> None:
         """Reset the idle time of entries held for a while, buffered or running (XCLAIM JUSTID)."""

@@ -261,7 +261,7 @@ class Loader:
         if stop.is_set():  # the manager is stopping: it kills the actors and releases
             return
         pipeline.resume()
-        read = forever(pipeline.read_loop, f"read-{model}", self._settings.reconnect_s)
+        read = forever(pipeline.read_loop, f"read-{model}", pipeline.link)
         self._loops[model] = [self._spawn(read, f"read-{model}"),
                               self._spawn(pipeline.batch_loop(), f"batch-{model}")]
         self.resident.add(model)

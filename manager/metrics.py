@@ -69,15 +69,15 @@ class Metrics:
 
 
 class MetricsServer:
-    """``GET /metrics`` (Prometheus text) and ``GET /healthz`` (200 when serving, else 503)."""
+    """``GET /metrics`` (Prometheus text) and ``GET /healthz`` (200 when serving, else 503 and why)."""
 
     def __init__(self, metrics: Metrics, *, host: str, port: int,
-                 refresh: Callable[[], Awaitable[None]], healthy: Callable[[], bool]) -> None:
+                 refresh: Callable[[], Awaitable[None]], problem: Callable[[], str | None]) -> None:
         self._metrics = metrics
         self._host = host
         self._port = port
         self._refresh = refresh
-        self._healthy = healthy
+        self._problem = problem
         self._server: asyncio.Server | None = None
 
     @property
@@ -107,9 +107,9 @@ class MetricsServer:
                 await self._refresh()
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self._metrics.render()
             elif path == b"/healthz":
-                ok = self._healthy()
-                status, ctype = ("200 OK" if ok else "503 Service Unavailable"), "text/plain"
-                body = b"ok\n" if ok else b"not serving\n"
+                problem = self._problem()
+                status, ctype = ("200 OK" if problem is None else "503 Service Unavailable"), "text/plain"
+                body = b"ok\n" if problem is None else f"not serving: {problem}\n".encode()
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"try /metrics or /healthz\n"
             head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"

@@ -21,12 +21,12 @@ from manager.dispatcher import Replica, ReplicaPool
 from manager.metrics import Metrics
 from manager.profiles import latency_model
 from manager.registry import Registry
-from manager.resilience import retrying
+from manager.resilience import RedisLink, retrying
 from manager.results import BatchInfo, Finished, ResultWriter, error, success
 from manager.settings import ManagerSettings
 from manager.stats import RollingStats
 from producer import keys
-from producer.wire import BadEntry, ErrorCode, Request, now_ms, parse_request
+from producer.wire import BadEntry, ErrorCode, Request, clip, now_ms, parse_request
 from workers.curve import Profile
 from workers.spec import ModelSpec
 
@@ -42,17 +42,18 @@ class ModelPipeline:
     def __init__(self, spec: ModelSpec, *, client: redis.asyncio.Redis, pool: ReplicaPool,
                  settings: ManagerSettings, spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
                  latency: LatencyModel | None = None, metrics: Metrics | None = None,
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None, link: RedisLink | None = None) -> None:
         self.spec = spec
         self.stream = keys.requests(spec.id)
         self._redis = client
         self._pool = pool
         self._settings = settings
         self._spawn = spawn
+        self.link = link or RedisLink(client.ping)
         self.batcher = Batcher(cap=spec.max_batch, max_wait_ms=spec.max_wait_ms, latency=latency or LatencyModel(),
                                max_bytes=settings.max_batch_bytes)
-        self.writer = ResultWriter(client, model=spec.id, reply_maxlen=settings.reply_maxlen,
-                                   retry_s=settings.reconnect_s)
+        self.writer = ResultWriter(client, model=spec.id, consumer=settings.consumer,
+                                   reply_maxlen=settings.reply_maxlen, link=self.link)
         self.metrics = metrics or Metrics()
         self.stats = RollingStats()
         self._wake = asyncio.Event()  # work arrived or a batch finished
@@ -68,6 +69,7 @@ class ModelPipeline:
         # while the model is draining; its entries then stay pending, re-read on the next load
         self.registry = registry
         self.refused = 0
+        self.dead_lettered = 0  # entries moved to the dead-letter stream for too many deliveries
         self._running: set[asyncio.Task[None]] = set()  # batch tasks of this model
 
     def apply_profile(self, profile: Profile | None) -> None:
@@ -148,10 +150,63 @@ class ModelPipeline:
                 break
             last = entries[-1][0]
             recovered += len(entries)
-            await self.admit(entries, deliveries=2)
+            await self.admit_redelivered(entries)
         self.recovered = True
         if recovered:
             log.info("model %s: recovered %d pending entries of consumer %s", self.spec.id, recovered, consumer)
+
+    async def admit_redelivered(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Admit entries read again (this consumer's own pending ones after a restart, or claimed
+        from another consumer), each with the delivery count Redis keeps for it; an entry
+        delivered more than ``max_deliveries`` times goes to the dead-letter stream with a
+        ``dead_letter`` result instead of running again (an input that kills its manager every
+        time must not crash-loop it)."""
+        held = set(self.held_entries())  # ours already: read again by a reconnect, never admitted twice
+        entries = [(eid, fields) for eid, fields in entries if eid.decode() not in held]
+        if not entries:
+            return
+        counts = await self._delivery_counts([eid for eid, _ in entries], len(held))
+        fresh: dict[int, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+        poison: list[tuple[bytes, dict[bytes, bytes], int]] = []
+        for entry_id, fields in entries:
+            count = counts.get(entry_id, 2)  # not pending any more (acked meanwhile): at least 2
+            if count > self._settings.max_deliveries and fields:
+                poison.append((entry_id, fields, count))
+            else:
+                fresh.setdefault(count, []).append((entry_id, fields))
+        for count, group in fresh.items():
+            await self.admit(group, deliveries=count)
+        if poison:
+            await self._dead_letter_poison(poison)
+
+    async def _delivery_counts(self, ids: list[bytes], held: int) -> dict[bytes, int]:
+        """Redis's delivery count of each of ``ids`` (pending for this consumer)."""
+        rows: Any = await self._redis.xpending_range(
+            self.stream, keys.GROUP, min=ids[0], max=ids[-1], count=len(ids) + held + 16,
+            consumername=self._settings.consumer,
+        )
+        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+
+    async def _dead_letter_poison(self, poison: list[tuple[bytes, dict[bytes, bytes], int]]) -> None:
+        """Answer ``dead_letter`` (result first: an entry is acked only once its answer is written),
+        then move the entries to the dead-letter stream."""
+        model, limit = self.spec.id, self._settings.max_deliveries
+        finished = []
+        for entry_id, fields, count in poison:
+            try:
+                request = parse_request(entry_id, fields)
+            except BadEntry:
+                continue  # the dead-letter stream keeps it; there is nobody to answer
+            request.deliveries = count
+            finished.append(error(model, request, ErrorCode.DEAD_LETTER,
+                                  f"delivered {count} times without completing (limit {limit}); "
+                                  f"moved to {keys.dead_letters(model)}"))
+        if finished:
+            await self.writer.write(finished)
+        await self.writer.dead_letter([(eid, fields, f"delivered {count} times") for eid, fields, count in poison],
+                                      ErrorCode.DEAD_LETTER)
+        self.metrics.dead_letters.labels(model).inc(len(poison))
+        self.dead_lettered += len(poison)
 
     async def admit(self, entries: list[tuple[bytes, dict[bytes, bytes]]], *, deliveries: int) -> None:
         """Parse entries: good ones go to the batcher, bad ones get their error result now."""
@@ -179,7 +234,11 @@ class ModelPipeline:
             request.read_ms = now
             request.deliveries = deliveries
             limit = min(self._settings.max_payload_bytes, self._settings.max_batch_bytes)
-            if len(request.payload) > limit:
+            if request.method is not None and request.method not in self.spec.methods:
+                finished.append(error(model, request, ErrorCode.UNKNOWN_METHOD,
+                                      f"model {model!r} has no method {clip(request.method)}; "
+                                      f"allowed: {', '.join(self.spec.methods)}"))
+            elif len(request.payload) > limit:
                 finished.append(error(model, request, ErrorCode.TOO_LARGE,
                                       f"payload of {len(request.payload)} bytes is over the limit of {limit} bytes "
                                       "(max_payload_bytes / max_batch_bytes): send smaller inputs"))
@@ -189,29 +248,13 @@ class ModelPipeline:
             else:
                 self.batcher.add(request)
         if dead:
-            await self.dead_letter(dead, ErrorCode.BAD_REQUEST)
+            await self.writer.dead_letter(dead, ErrorCode.BAD_REQUEST)
         if finished:
             await self.writer.write(finished)
             self.metrics.answered(model, 0, (f.code for f in finished))
             for item in finished:
                 log.info("model %s request %s: answered %s before batching", model, item.request.id, item.code)
         self._wake.set()
-
-    async def dead_letter(self, entries: list[tuple[bytes, dict[bytes, bytes], str]], code: ErrorCode) -> None:
-        """Move entries to the dead-letter stream (with reason), then ack and delete them."""
-        pipe = self._redis.pipeline(transaction=False)
-        ids = []
-        for entry_id, fields, reason in entries:
-            ids.append(entry_id)
-            if fields:
-                record: dict[Any, Any] = dict(fields)
-                record.update({b"reason": reason.encode(), b"code": str(code).encode(),
-                               b"entry": entry_id, b"consumer": self._settings.consumer.encode()})
-                pipe.xadd(keys.dead_letters(self.spec.id), record, maxlen=100_000, approximate=True)
-                log.warning("model %s: entry %s dead-lettered: %s", self.spec.id, entry_id.decode(), reason)
-        pipe.xack(self.stream, keys.GROUP, *ids)
-        pipe.xdel(self.stream, *ids)
-        await pipe.execute()
 
     # -- batching ---------------------------------------------------------------------------
 
@@ -328,8 +371,9 @@ class ModelPipeline:
         for request, item in zip(runnable, result.items, strict=True):
             if item.ok:
                 finished.append(success(model, request, item.out, info))
-            else:
-                finished.append(error(model, request, item.code, item.message, info))
+            else:  # an input that did not decode never ran: its envelope has no batch (protocol §5)
+                ran = item.code != ErrorCode.BAD_REQUEST
+                finished.append(error(model, request, item.code, item.message, info if ran else None))
         return finished
 
     async def _drop_before_run(self, requests: list[Request]) -> tuple[list[Finished], list[Request]]:
@@ -337,8 +381,7 @@ class ModelPipeline:
         pipe = self._redis.pipeline(transaction=False)
         pipe.mget([keys.cancel(r.id) for r in requests])
         pipe.mget([keys.result(r.id) for r in requests])
-        cancelled, existing = await retrying(pipe.execute, f"checking batch of model {self.spec.id}",
-                                             self._settings.reconnect_s)
+        cancelled, existing = await retrying(pipe.execute, f"checking batch of model {self.spec.id}", self.link)
         now = now_ms()
         model = self.spec.id
         finished: list[Finished] = []

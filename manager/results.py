@@ -6,16 +6,20 @@ writer wins), so an entry that runs twice after a crash still has exactly one re
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio
 
-from manager.resilience import retrying
+from manager.resilience import RedisLink, retrying
 from producer import keys
-from producer.wire import PROTOCOL_VERSION, ErrorCode, Request, encode_envelope, now_ms
+from producer.wire import PROTOCOL_VERSION, ErrorCode, Request, clip, encode_envelope, now_ms
 
 __all__ = ["BatchInfo", "Finished", "ResultWriter", "error", "success"]
+
+log = logging.getLogger(__name__)
+DEAD_LETTER_MAXLEN = 100_000  # entries a dead-letter stream keeps (approximately)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +73,15 @@ def _header(model: str, request: Request, batch: BatchInfo | None) -> dict[str, 
 class ResultWriter:
     """Writes the results of one model's requests and acknowledges their entries."""
 
-    def __init__(self, client: redis.asyncio.Redis, *, model: str, reply_maxlen: int,
-                 retry_s: float = 60.0) -> None:
+    def __init__(self, client: redis.asyncio.Redis, *, model: str, consumer: str, reply_maxlen: int,
+                 link: RedisLink, dead_letter_ttl_s: int | None = None, stream: str | None = None) -> None:
         self._redis = client
         self._model = model
-        self._stream = keys.requests(model)
+        self._consumer = consumer.encode()
+        self._dead_letter_ttl_s = dead_letter_ttl_s  # None: the dead-letter stream keeps no TTL
+        self._stream = stream or keys.requests(model)
         self._reply_maxlen = reply_maxlen
-        self._retry_s = retry_s  # a write is idempotent (SET NX, XACK, XDEL): retried while Redis restarts
+        self._link = link  # a write is idempotent (SET NX, XACK, XDEL): retried once Redis is back
 
     async def write(self, finished: list[Finished], extra_acks: list[str] | None = None) -> None:
         """Write every result, then ack and delete the entries (and ``extra_acks``)."""
@@ -102,4 +108,28 @@ class ResultWriter:
         if ack_ids:
             pipe.xack(self._stream, keys.GROUP, *ack_ids)
             pipe.xdel(self._stream, *ack_ids)
-        await retrying(pipe.execute, f"writing {len(finished)} result(s) of model {self._model}", self._retry_s)
+        await retrying(pipe.execute, f"writing {len(finished)} result(s) of model {clip(self._model)}", self._link)
+
+    async def dead_letter(self, entries: list[tuple[bytes, dict[bytes, bytes], str]], code: ErrorCode) -> None:
+        """Move entries (id, fields, reason) to the model's dead-letter stream with their reason,
+        then ack and delete them. An entry without fields (deleted while pending) is only acked."""
+        if not entries:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        letters = keys.dead_letters(self._model)
+        ids = []
+        moved = False
+        for entry_id, fields, reason in entries:
+            ids.append(entry_id)
+            if fields:
+                record: dict[Any, Any] = dict(fields)
+                record.update({b"reason": reason.encode(), b"code": str(code).encode(),
+                               b"entry": entry_id, b"consumer": self._consumer})
+                pipe.xadd(letters, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+                moved = True
+                log.warning("model %s: entry %s dead-lettered: %s", clip(self._model), entry_id.decode(), reason)
+        if moved and self._dead_letter_ttl_s is not None:
+            pipe.expire(letters, self._dead_letter_ttl_s)
+        pipe.xack(self._stream, keys.GROUP, *ids)
+        pipe.xdel(self._stream, *ids)
+        await retrying(pipe.execute, f"dead-lettering {len(ids)} entries of model {clip(self._model)}", self._link)

@@ -34,7 +34,7 @@ from manager.metrics import Metrics, MetricsServer
 from manager.pipeline import ModelPipeline
 from manager.profiles import ProfileRecord, ensure_profile, profile_key
 from manager.registry import Registry
-from manager.resilience import forever
+from manager.resilience import LOST, RedisLink, RedisOutage, forever
 from manager.scaling import Scaling, check_config
 from manager.settings import ManagerSettings
 from manager.unknown import UnknownModels
@@ -47,6 +47,9 @@ from workers.spec import ServeConfig
 __all__ = ["Manager", "State"]
 
 log = logging.getLogger(__name__)
+#: redis-py retries a command this long itself (a dropped connection, a blip); a longer outage
+#: is the RedisLink's to wait out (manager.resilience)
+RECONNECT_IN_CALL_S = 2.0
 
 
 class State(enum.Enum):
@@ -80,6 +83,8 @@ class Manager:
         self.control: ControlWorker | None = None
         self.scaling: Scaling | None = None
         self._compile_reported: set[str] = set()
+        self.link = RedisLink(lambda: self._client().ping(), outage_limit_s=settings.redis_outage_limit_s,
+                              describe=f"Redis at {settings.redis.describe()}")
 
     def request_stop(self) -> None:
         """Safe from a signal handler: only records the wish."""
@@ -103,7 +108,7 @@ class Manager:
         self.state = State.STARTING
         settings = self.settings
         check_config(self.config, on_demand=settings.cpu_budget_bytes is not None)  # before Ray: fail fast
-        self._redis = settings.redis.async_client(reconnect_s=settings.reconnect_s)
+        self._redis = settings.redis.async_client(reconnect_s=RECONNECT_IN_CALL_S)
         await self._claim_consumer_name()
         # in the main thread: Ray installs signal handlers
         self._owns_ray = raycluster.connect(settings.ray_address, settings.ray_num_cpus)
@@ -128,7 +133,8 @@ class Manager:
         for spec in self.config.models:
             record = self.profiles[spec.id]
             pipeline = ModelPipeline(spec, client=self._redis, pool=self._pools[spec.id], settings=settings,
-                                     spawn=self._spawn, registry=self.registry, metrics=self.metrics)
+                                     spawn=self._spawn, registry=self.registry, metrics=self.metrics,
+                                     link=self.link)
             pipeline.apply_profile(record.profile if record is not None else None)
             self.pipelines[spec.id] = pipeline
             await pipeline.ensure_group()
@@ -145,7 +151,7 @@ class Manager:
                 self._spawn_loop(pipeline.read_loop, f"read-{model}")
                 self._spawn(pipeline.batch_loop(), f"batch-{model}")
         self.janitor = Janitor(self._redis, settings, self.pipelines)
-        self.unknown = UnknownModels(self._redis, settings, set(self.pipelines))
+        self.unknown = UnknownModels(self._redis, settings, set(self.pipelines), self.link)
         self._spawn_loop(lambda: self.janitor.run(self._stop), "janitor")
         self._spawn_loop(lambda: self.unknown.run(self._stop), "unknown-models")
         self.scaling = Scaling(client=self._redis, settings=settings, pools=self._pools, pipelines=self.pipelines,
@@ -189,11 +195,12 @@ class Manager:
         for pool in self._pools.values():
             await pool.stop()
         if self.registry is not None:  # after the actors are killed
-            with contextlib.suppress(NosqError):
+            with contextlib.suppress(NosqError, *LOST):  # Redis down: the dead-owner reaper releases them
                 released = await self.registry.release_all()
                 log.info("manager %s released %s", self.settings.consumer, ", ".join(released) or "nothing")
         if self._owns_ray:
             await asyncio.to_thread(raycluster.disconnect)
+        await self.link.aclose()
         if self._redis is not None:
             with contextlib.suppress(redis.RedisError):
                 await self._redis.delete(keys.manager_heartbeat(self.settings.consumer))
@@ -255,7 +262,7 @@ class Manager:
 
     def _spawn_loop(self, loop: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:
         """A long-running loop that survives Redis restarts (manager.resilience)."""
-        return self._spawn(forever(loop, name, self.settings.reconnect_s), name)
+        return self._spawn(forever(loop, name, self.link), name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
@@ -268,7 +275,12 @@ class Manager:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:
+        if isinstance(exc, RedisOutage):
+            if self.failed is None:
+                log.error("%s", exc)
+            self.failed = exc
+            self._stop.set()
+        elif exc is not None:
             log.error("task %s failed: %r; stopping the manager", task.get_name(), exc, exc_info=exc)
             self.failed = exc
             self._stop.set()
@@ -296,7 +308,7 @@ class Manager:
         if self.settings.metrics_port is None:
             return
         server = MetricsServer(self.metrics, host=self.settings.metrics_host, port=self.settings.metrics_port,
-                               refresh=self._refresh_gauges, healthy=lambda: self.state is State.RUNNING)
+                               refresh=self._refresh_gauges, problem=self._health_problem)
         try:
             await server.start()
         except OSError as exc:
@@ -304,6 +316,12 @@ class Manager:
                       self.settings.metrics_port, exc)
             return
         self.metrics_server = server
+
+    def _health_problem(self) -> str | None:
+        """Why this manager is not serving now (``/healthz`` answers 503 with it), or None."""
+        if self.state is not State.RUNNING:
+            return f"manager is {self.state.value}"
+        return self.link.problem()
 
     async def _refresh_gauges(self) -> None:
         """Backlog, pending, replicas and resident bytes, read when scraped."""

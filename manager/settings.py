@@ -64,4 +64,6 @@ class ManagerSettings(BaseModel):
                                         "models whose spec lets them scale (max_replicas > min_replicas)")
     metrics_host: str = Field(default="127.0.0.1", description="address of /metrics and /healthz")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="None: no metrics server")
-    reconnect_s: float = Field(default=60.0, ge=0, description="how long to retry a lost Redis connection")
+    redis_outage_limit_s: float | None = Field(
+        default=None, gt=0, description="stop (exit 1, with the reason) once one Redis outage has lasted this long; "
+        "None: wait for Redis however long it takes, reporting unhealthy on /healthz meanwhile")

@@ -86,8 +86,9 @@ def decode_value(ct: str, data: bytes) -> Any:
             if isinstance(value, msgpack.Timestamp):
                 raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
             return value
-        if ct == "json":
-            return json.loads(data, object_hook=_json_hook)
+        if ct == "json":  # RFC 8259: no NaN/Infinity literals, no number beyond float64
+            return json.loads(data, object_hook=_json_hook, parse_constant=_reject_constant,
+                              parse_float=_finite_float)
     except ProtocolError:
         raise
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
@@ -174,6 +175,17 @@ def _json_hook(obj: dict[str, Any]) -> Any:
             raise ProtocolError(f"tensor 'b64' is not valid base64: {exc}") from exc
         return _build_tensor(obj["dtype"], obj["shape"], data)
     return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(f"JSON has no {name} (RFC 8259): send non-finite floats inside a float tensor")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ProtocolError(f"JSON number {text[:40]} is beyond the float64 range")
+    return value
 
 
 def _build_tensor(dtype: Any, shape: Any, data: bytes) -> Any:

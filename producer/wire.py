@@ -29,6 +29,7 @@ __all__ = [
     "Envelope",
     "ErrorCode",
     "Request",
+    "clip",
     "decode_envelope",
     "encode_envelope",
     "now_ms",
@@ -121,9 +122,9 @@ def request_fields(
 ) -> dict[str, str | bytes | int]:
     """The XADD fields of one request (validated the way the server validates them)."""
     if not REQUEST_ID_RE.fullmatch(request_id):
-        raise ProtocolError(f"request id {request_id!r} must match {REQUEST_ID_RE.pattern}")
+        raise ProtocolError(f"request id {clip(request_id)} must match {REQUEST_ID_RE.pattern}")
     if ct not in CONTENT_TYPES:
-        raise ProtocolError(f"content type {ct!r} must be one of {', '.join(CONTENT_TYPES)}")
+        raise ProtocolError(f"content type {clip(ct)} must be one of {', '.join(CONTENT_TYPES)}")
     if type(ttl_s) is not int or not 1 <= ttl_s <= MAX_TTL_S:
         raise ProtocolError(f"result ttl {ttl_s!r} s must be an integer between 1 and {MAX_TTL_S}")
     if type(priority) is not int or priority not in PRIORITIES:
@@ -150,7 +151,7 @@ def parse_request(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Request:
     raw_id = fields.get(b"id")
     request_id = raw_id.decode("utf-8", "replace") if raw_id is not None else None
     if request_id is None or not REQUEST_ID_RE.fullmatch(request_id):
-        raise BadEntry(f"entry {eid}: field 'id' {request_id!r} must match {REQUEST_ID_RE.pattern}",
+        raise BadEntry(f"entry {eid}: field 'id' {clip(request_id)} must match {REQUEST_ID_RE.pattern}",
                        request_id=None)
     ct = fields.get(b"ct", b"").decode("utf-8", "replace")
     reply = _optional_str(fields, b"reply")
@@ -166,10 +167,10 @@ def parse_request(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Request:
 
     version = fields.get(b"v")
     if version != b"1":
-        raise bad(f"protocol version {version!r} is not supported: send v=1",
+        raise bad(f"protocol version {clip(version)} is not supported: send v=1",
                   ErrorCode.UNSUPPORTED_VERSION)
     if ct not in CONTENT_TYPES:
-        raise bad(f"field 'ct' {ct!r} must be one of {', '.join(CONTENT_TYPES)}")
+        raise bad(f"field 'ct' {clip(ct)} must be one of {', '.join(CONTENT_TYPES)}")
     if bad_ttl:
         raise bad(f"field 'ttl' must be an integer between 1 and {MAX_TTL_S}")
     payload = fields.get(b"p")
@@ -218,6 +219,16 @@ def decode_envelope(ct: str, data: bytes) -> Envelope:
         message=str(err.get("message", "")), model=str(obj.get("model", "")),
         timings=timings, batch=batch, deliveries=deliveries,
     )
+
+
+def clip(value: object, limit: int = 64) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, saying how long it was: a client's
+    field quoted in an error message or a log line (an id can be a megabyte)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if isinstance(value, (str, bytes)) else len(text)
+    return f"{text[:limit]}... ({size} {'characters' if isinstance(value, str) else 'bytes'})"
 
 
 def _msgpack_map_header(size: int) -> bytes:

@@ -108,6 +108,15 @@ def _malformed(kind: str, rid: str) -> tuple[dict[str, Any], str, str, str]:
         return {"v": 2, "id": rid, "ct": "msgpack", "p": good_payload}, ErrorCode.UNSUPPORTED_VERSION, "msgpack", "v=1"
     if kind == "invalid_msgpack":  # 0xc1 is never used by msgpack
         return {"v": 1, "id": rid, "ct": "msgpack", "p": b"\xc1"}, ErrorCode.BAD_REQUEST, "msgpack", "not valid msgpack"
+    if kind == "json_nan":  # RFC 8259 has no NaN, Infinity or numbers past float64
+        return {"v": 1, "id": rid, "ct": "json", "p": b'{"a":NaN}'}, ErrorCode.BAD_REQUEST, "json", "NaN"
+    if kind == "json_infinity":
+        return {"v": 1, "id": rid, "ct": "json", "p": b"[1,Infinity]"}, ErrorCode.BAD_REQUEST, "json", "Infinity"
+    if kind == "json_overflow":
+        return {"v": 1, "id": rid, "ct": "json", "p": b"1e400"}, ErrorCode.BAD_REQUEST, "json", "float64 range"
+    if kind == "unknown_method":
+        return ({"v": 1, "id": rid, "ct": "msgpack", "p": good_payload, "method": "train"}, ErrorCode.UNKNOWN_METHOD,
+                "msgpack", "'train'")
     if kind == "tensor_byte_count":
         tensor = msgpack.packb({"dtype": "float32", "shape": [2], "data": b"\0" * 4})
         fields = {"v": 1, "id": rid, "ct": "msgpack", "p": tensor}
@@ -116,7 +125,8 @@ def _malformed(kind: str, rid: str) -> tuple[dict[str, Any], str, str, str]:
 
 
 @pytest.mark.parametrize(
-    "kind", ["missing_payload", "bad_content_type", "wrong_version", "invalid_msgpack", "tensor_byte_count"]
+    "kind", ["missing_payload", "bad_content_type", "wrong_version", "invalid_msgpack", "tensor_byte_count",
+             "json_nan", "json_infinity", "json_overflow", "unknown_method"]
 )
 async def test_malformed_entry_fails_alone(served: Served, redis_db10: redis.asyncio.Redis, kind: str) -> None:
     bad_id = f"bad-{uuid.uuid4().hex}"
@@ -129,6 +139,7 @@ async def test_malformed_entry_fails_alone(served: Served, redis_db10: redis.asy
     assert not bad.ok
     assert bad.code == code, bad
     assert fragment in bad.message
+    assert bad.batch == {} and bad.timings["exec_ms"] == 0  # it never ran in a batch (protocol §5)
     for i, (rid, _) in enumerate(good):
         envelope = await wait_envelope(redis_db10, rid)
         assert envelope.ok, envelope
@@ -154,6 +165,57 @@ async def test_entry_without_readable_id_goes_to_dead_letters(served: Served, re
         assert fields[b"p"] == payload  # the original fields travel with it
     assert letters[bad_id_entry][b"id"] == b"spaces are not allowed"
     assert await stream_is_drained(redis_db10, "noop") == (0, 0)  # acked and deleted
+
+
+async def test_a_huge_invalid_id_is_quoted_short(
+    served: Served, redis_db10: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture,
+) -> None:
+    huge = "x y" * 350_000  # a megabyte, and not a valid id
+    rid, good = entry("noop", vec(8.0))
+    (huge_entry, _) = await xadd_all(redis_db10, "noop", [{"v": 1, "id": huge, "ct": "json", "p": b"1"}, good])
+    assert (await wait_envelope(redis_db10, rid)).ok
+    dlq = keys.dead_letters("noop")
+    await wait_for(lambda: _xlen_is(redis_db10, dlq, 1), 10, "the entry in the dead-letter stream")
+    [(_, letter)] = await redis_db10.xrange(dlq)
+    assert letter[b"entry"] == huge_entry and letter[b"id"] == huge.encode()  # kept whole for operators
+    assert len(letter[b"reason"]) < 300 and b"(1050000 characters)" in letter[b"reason"]
+    lines = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert lines and all(len(line) < 400 for line in lines), [len(line) for line in lines]
+
+
+# -- streams of models nobody serves ---------------------------------------------------------
+
+
+async def _gone(client: redis.asyncio.Redis, key: str) -> bool:
+    return not await client.exists(key)
+
+
+@pytest.mark.parametrize("model", ["ghost-typo", ""])
+async def test_an_unknown_models_stream_is_answered_then_deleted(
+    served: Served, redis_db10: redis.asyncio.Redis, model: str,
+) -> None:
+    """A typo (or an empty model id, ``nosq:{}:req``) gets ``unknown_model`` answers; then its
+    stream and consumer group are deleted, so unknown names leave no keys behind but results."""
+    stream = keys.requests(model)
+    rid = uuid.uuid4().hex
+    await redis_db10.xadd(stream, {"v": 1, "id": rid, "ct": "json", "p": b"[1]"})
+    envelope = await wait_envelope(redis_db10, rid, "json", timeout_s=10)
+    assert envelope.code == ErrorCode.UNKNOWN_MODEL, envelope
+    assert ("not a valid model id" if model == "" else "not served here") in envelope.message
+    await wait_for(lambda: _gone(redis_db10, stream), 10, f"{stream} deleted")
+
+
+async def test_an_entry_without_id_on_an_unknown_stream_goes_to_its_dead_letters(
+    served: Served, redis_db10: redis.asyncio.Redis,
+) -> None:
+    stream, dlq = keys.requests("ghost"), keys.dead_letters("ghost")
+    bad_entry = await redis_db10.xadd(stream, {"v": 1, "id": "bad id", "ct": "json", "p": b"1"})
+    await wait_for(lambda: _xlen_is(redis_db10, dlq, 1), 10, "the entry in the dead-letter stream")
+    [(_, letter)] = await redis_db10.xrange(dlq)
+    assert letter[b"entry"] == bad_entry and letter[b"code"] == b"bad_request"
+    assert b"field 'id'" in letter[b"reason"]
+    assert 0 < await redis_db10.ttl(dlq) <= 24 * 3600  # an unknown model's dead letters expire
+    await wait_for(lambda: _gone(redis_db10, stream), 10, f"{stream} deleted")
 
 
 async def _xlen_is(client: redis.asyncio.Redis, key: str, n: int) -> bool:

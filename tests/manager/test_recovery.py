@@ -274,3 +274,34 @@ async def test_a_model_served_by_another_manager_is_not_unknown(
 
     codes = [e.code for e in envelopes if not e.ok]
     assert not codes, f"{len(codes)} of {len(envelopes)} requests for a served model failed: {set(codes)}"
+
+
+@pytest.mark.timeout(60)
+async def test_own_pending_entries_keep_their_delivery_count_across_a_restart(
+    redis_db10: redis.asyncio.Redis,
+) -> None:
+    """A manager restarted under its own consumer name (the default: the host name) reads its
+    pending entries again. An entry that Redis shows delivered more than max_deliveries times
+    (an input that killed the manager each time) is dead-lettered, not run again; the others
+    run, and every result states Redis's own delivery count."""
+    settings = manager_settings(janitor_interval_s=0.2, max_deliveries=5)
+    stream = keys.requests("noop")
+    await redis_db10.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+    (poison, poison_fields), (healthy, healthy_fields) = entry("noop", vec(1.0)), entry("noop", vec(2.0))
+    poison_entry, _ = await xadd_all(redis_db10, "noop", [poison_fields, healthy_fields])
+    await redis_db10.xreadgroup(keys.GROUP, settings.consumer, {stream: ">"}, count=2)
+    for _ in range(5):  # five earlier lives of this manager read it again and died
+        await redis_db10.xreadgroup(keys.GROUP, settings.consumer, {stream: "0"}, count=1)
+    rows = await redis_db10.xpending_range(stream, keys.GROUP, "-", "+", 10)
+    assert {r["message_id"]: r["times_delivered"] for r in rows}[poison_entry] == 6
+
+    async with running_manager(config(spec("noop", "workers.demo:noop")), settings):
+        dead = await wait_envelope(redis_db10, poison, timeout_s=30)
+        ok = await wait_envelope(redis_db10, healthy, timeout_s=30)
+
+    assert dead.code == ErrorCode.DEAD_LETTER, dead
+    assert dead.deliveries == 7 and "delivered 7 times" in dead.message  # the restart's read is the 7th
+    assert ok.ok and ok.deliveries == 2
+    letters = await redis_db10.xrange(keys.dead_letters("noop"))
+    assert [(f[b"id"], f[b"code"], f[b"entry"]) for _, f in letters] == [(poison.encode(), b"dead_letter", poison_entry)]
+    assert await stream_is_drained(redis_db10, "noop") == (0, 0)
