@@ -8,6 +8,8 @@ import os
 import ray
 from ray._private import ray_constants
 
+from manager.reaper import start_reaper
+
 __all__ = ["connect", "disconnect"]
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         log_to_driver=True,
         _system_config={"max_direct_call_object_size": DIRECT_CALL_BYTES},
     )
+    node = ray._private.worker._global_node
+    if node is not None:  # nothing of this Ray outlives this process (manager.reaper)
+        start_reaper(node.get_session_dir_path())
     log.info("started a local Ray instance on 127.0.0.1")
     return True
 
