@@ -45,8 +45,10 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from producer.codec import encode_value
-    from workers.actor import ModelWorker, _rss_bytes
+    from workers.actor import ModelWorker
+    from workers.datapath import batch_of
     from workers.demo import demo_config_path
+    from workers.runtime import _rss_bytes
     from workers.spec import load_config
 
     spec = load_config(demo_config_path()).model(args.model)
@@ -68,15 +70,15 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         items = [encode_value("msgpack", (example + i * 1e-3).astype(example.dtype)) for i in range(batch)]
         cts = ["msgpack"] * batch
         first = time.perf_counter()
-        result = worker.run("forward", cts, items)
+        result = worker.run(batch_of("forward", cts, items))
         first_s = time.perf_counter() - first
-        if not all(r.ok for r in result.items):
-            raise RuntimeError(f"{args.model} {args.mode} b={batch}: {result.items[0].message}")
+        if not all(r.ok for r in result.items()):
+            raise RuntimeError(f"{args.model} {args.mode} b={batch}: {result.items()[0].message}")
         times: list[float] = []
         began = time.perf_counter()
         while len(times) < 5 or time.perf_counter() - began < args.seconds:
             t0 = time.perf_counter()
-            worker.run("forward", cts, items)
+            worker.run(batch_of("forward", cts, items))
             times.append(time.perf_counter() - t0)
         p50 = statistics.median(times)
         rows.append({"batch": batch, "first_call_s": first_s, "runs": len(times), "p50_ms": p50 * 1e3,

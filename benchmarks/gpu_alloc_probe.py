@@ -16,6 +16,7 @@ import subprocess
 
 from producer.codec import encode_value
 from workers.actor import ModelWorker
+from workers.datapath import batch_of
 from workers.spec import ModelSpec
 
 BATCHES = 300
@@ -29,7 +30,7 @@ def main() -> None:
     rng = random.Random(0)
     for _ in range(BATCHES):
         n = rng.randint(1, spec.max_batch)
-        worker.run("forward", ["msgpack"] * n, [item] * n)
+        worker.run(batch_of("forward", "msgpack", [item] * n))
     smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, check=True).stdout
     used = {int(pid): int(mib) for pid, mib in (line.split(", ") for line in smi.strip().splitlines())}

@@ -64,6 +64,13 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--redis-outage-limit-s", type=float, default=None,
                        help="exit (status 1, with the reason) once one Redis outage lasts this long (default: wait "
                             "for Redis however long it takes; /healthz answers 503 meanwhile)")
+    serve.add_argument("--reply-inline-bytes", type=int, default=None,
+                       help="largest envelope carried in a reply-stream notice; larger ones are only in their "
+                            "result key (default 4096)")
+    serve.add_argument("--no-profile-on-start", action="store_true",
+                       help="serve a model with no stored profile at its max_batch instead of profiling it first")
+    serve.add_argument("--no-local-channel", action="store_true",
+                       help="send every batch as a Ray call, not through shared memory to replicas on this host")
     serve.add_argument("--metrics-port", type=int, default=9108,
                        help="port of /metrics and /healthz on 127.0.0.1 (default: %(default)s; -1: none)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics server")
@@ -195,6 +202,12 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["gpu_overhead_bytes"] = int(args.gpu_overhead_mib * 1024 * 1024)
     if args.eviction_policy:
         overrides["eviction_policy"] = args.eviction_policy
+    if args.reply_inline_bytes is not None:
+        overrides["reply_inline_bytes"] = args.reply_inline_bytes
+    if args.no_profile_on_start:
+        overrides["profile_on_start"] = False
+    if args.no_local_channel:
+        overrides["local_channel"] = False
     if args.redis_outage_limit_s is not None:
         overrides["redis_outage_limit_s"] = args.redis_outage_limit_s
     if args.metrics_port >= 0:
@@ -369,8 +382,8 @@ def _profile(args: argparse.Namespace) -> int:
     from manager.profile_report import ProgressBar, format_table, write_plot
     from manager.profiles import store_sync
     from manager.profiling import profile_in_actor
+    from workers.curve import ProfileOptions
     from workers.demo import demo_config_path
-    from workers.profiler import ProfileOptions
     from workers.spec import load_config
 
     config = load_config(args.config or demo_config_path())

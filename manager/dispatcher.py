@@ -1,8 +1,12 @@
 """The replicas of one model: Ray actors, their in-flight slots, and surviving their deaths.
 
-Calls never block the event loop (``await ref``). An actor that dies is restarted by Ray
-(``max_restarts=-1``); its batch is retried; a batch that keeps killing its worker is split
-until the input that does it fails alone with ``worker_died``. A replica's node that goes
+A batch goes to a replica on this host through its shared-memory channel (``workers.channel``:
+one connection per in-flight slot), to one elsewhere through a Ray call (``await ref``, never
+blocking the event loop). An actor that dies is restarted by Ray (``max_restarts=-1``); its
+batch is retried; a batch that keeps killing its worker is split until the input that does it
+fails alone with ``worker_died``. Which batch a death is blamed on: over a channel, the one
+the replica had in its model (``Stage.suspect``), not those decoding, waiting or encoding
+beside it; over Ray, the oldest call (the actor runs Ray calls one at a time). A replica's node that goes
 away (raylet killed, host lost) is the same to the pool: Ray restarts the actor on another
 node that has the spec's ``resources`` (waiting for one to join), and the batches it held are
 retried there.
@@ -11,18 +15,24 @@ retried there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError
 
 from producer.wire import ErrorCode
-from workers.actor import BatchResult, ItemResult, ModelWorker
+from workers import channel
+from workers.actor import ModelWorker
+from workers.channel import ChannelClient, ChannelLost
+from workers.datapath import BatchOutput, batch_of
 from workers.spec import ModelSpec
 
 __all__ = ["Replica", "ReplicaPool", "wants_gpu"]
@@ -32,7 +42,7 @@ READY_TIMEOUT_S = 300.0
 EXIT_TIMEOUT_S = 30.0  # how long a killed actor may take to be gone
 # a batch is tried again after these: its worker died (ActorDiedError), is unreachable because its
 # node went away (ActorUnavailableError), or its output was lost with that node's object store
-_WORKER_LOST = (RayActorError, NodeDiedError, ObjectLostError)
+_WORKER_LOST = (RayActorError, NodeDiedError, ObjectLostError, ChannelLost)
 # Ray's switch that leaves CUDA_VISIBLE_DEVICES alone in an actor (ray._private.accelerators.nvidia_gpu)
 _NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
@@ -45,14 +55,23 @@ class Replica:
     actor: Any
     inflight: int = 0
     info: dict[str, Any] | None = None
-    calls: list[object] = field(default_factory=list)  # calls in flight, oldest (= running) first
+    calls: list[object] = field(default_factory=list)  # Ray calls in flight, oldest (= running) first
+    channels: list[ChannelClient] = field(default_factory=list)  # idle channel connections (slots)
+    restarts: int = 0  # bumped on each restart: older channel connections are dead
+
+    def close_channels(self) -> None:
+        for client in self.channels:
+            client.close()
+        self.channels.clear()
 
 
 class ReplicaPool:
     """Starts, feeds and stops the actors that serve one model."""
 
-    def __init__(self, spec: ModelSpec, *, inflight_per_replica: int, dispatch_attempts: int) -> None:
+    def __init__(self, spec: ModelSpec, *, inflight_per_replica: int, dispatch_attempts: int,
+                 local_channel: bool = True) -> None:
         self.spec = spec
+        self._local_channel = local_channel and channel.available()
         self._slots = inflight_per_replica
         self._attempts = dispatch_attempts
         self.replicas: list[Replica] = []
@@ -70,7 +89,8 @@ class ReplicaPool:
         cls = ray.remote(ModelWorker)
         new = [
             Replica(index=len(self.replicas) + i,
-                    actor=cls.options(**self._actor_options()).remote(self.spec, device=self.device))
+                    actor=cls.options(**self._actor_options()).remote(self.spec, device=self.device,
+                                                                      local_channel=self._local_channel))
             for i in range(count)
         ]
         try:
@@ -149,22 +169,42 @@ class ReplicaPool:
 
     # -- running ----------------------------------------------------------------------------
 
-    async def run(self, replica: Replica, method: str, cts: list[str],
-                  payloads: list[bytes]) -> BatchResult:
-        """Run one batch on ``replica``; survives the worker's death (see module docstring).
+    @contextlib.asynccontextmanager
+    async def dispatch(self, replica: Replica, method: str, cts: str | list[str],
+                       payloads: list[bytes]) -> AsyncIterator[BatchOutput]:
+        """Run one batch on ``replica``, surviving its worker's death (see the module docstring);
+        the outputs are readable until the block ends (over a channel they are in shared
+        memory that the slot's next batch overwrites).
 
         The caller holds one of the replica's slots (``inflight``) for the whole call."""
+        lease = _Lease(await self._channel(replica))
+        try:
+            yield await self._run(replica, lease, method, cts, payloads)
+        finally:
+            if lease.client is not None and lease.generation == replica.restarts:
+                replica.channels.append(lease.client)
+            elif lease.client is not None:
+                lease.client.close()
+
+    async def _run(self, replica: Replica, lease: _Lease, method: str, cts: str | list[str],
+                   payloads: list[bytes]) -> BatchOutput:
         attempt = 0
         while attempt < self._attempts:
+            if lease.client is None or lease.generation != replica.restarts:
+                if lease.client is not None:
+                    lease.client.close()
+                lease.client, lease.generation = await self._channel(replica), replica.restarts
             token = object()
             replica.calls.append(token)
             try:
-                result: BatchResult = await replica.actor.run.remote(method, cts, payloads)
-                return result
+                if lease.client is not None:
+                    return await lease.client.run(method, cts, payloads)
+                output: BatchOutput = await replica.actor.run.remote(batch_of(method, cts, payloads))
+                return output
             except _WORKER_LOST as exc:
-                # the actor runs its calls in order: only the oldest was running when it died;
-                # the batches queued behind it are retried without blame
-                blamed = replica.calls[0] is token
+                # over Ray the actor runs its calls in order: only the oldest was running when it
+                # died; over a channel the replica's stage byte says whether it had started this one
+                blamed = lease.client.stage.suspect if lease.client is not None else replica.calls[0] is token
                 attempt += blamed
                 log.warning("model %s: replica %d died %s a batch of %d (attempt %d/%d): %s",
                             self.spec.id, replica.index, "running" if blamed else "with", len(payloads),
@@ -174,11 +214,26 @@ class ReplicaPool:
                 replica.calls.remove(token)
         if len(payloads) == 1:
             message = f"the worker process died {self._attempts} times running this input"
-            return BatchResult([ItemResult(ok=False, code=ErrorCode.WORKER_DIED, message=message)], 0.0)
+            return BatchOutput(b"", np.zeros(2, np.int64), {0: (str(ErrorCode.WORKER_DIED), message)})
         half = len(payloads) // 2
-        left = await self.run(replica, method, cts[:half], payloads[:half])
-        right = await self.run(replica, method, cts[half:], payloads[half:])
-        return BatchResult(left.items + right.items, left.exec_ms + right.exec_ms)
+        left = _owned(await self._run(replica, lease, method, _part(cts, 0, half), payloads[:half]))
+        right = _owned(await self._run(replica, lease, method, _part(cts, half, None), payloads[half:]))
+        return _concat(left, right)
+
+    async def _channel(self, replica: Replica) -> ChannelClient | None:
+        """An idle channel connection to ``replica``, a new one, or None (not on this host: Ray)."""
+        if replica.channels:
+            return replica.channels.pop()
+        info = replica.info or {}
+        address = info.get("channel")
+        if not self._local_channel or not address or info.get("host") != socket.gethostname():
+            return None
+        try:
+            return await ChannelClient.connect(address)
+        except ChannelLost as exc:
+            log.warning("model %s: replica %d: no shared-memory channel (%s); using Ray calls",
+                        self.spec.id, replica.index, exc)
+            return None
 
     async def _await_restart(self, replica: Replica) -> None:
         """Wait until Ray has restarted the actor and it has rebuilt its model.
@@ -191,6 +246,8 @@ class ReplicaPool:
             try:
                 async with asyncio.timeout(left):
                     replica.info = await replica.actor.ready.remote()
+                replica.restarts += 1  # a new process: every channel connection to the old one is dead
+                replica.close_channels()
                 return
             except RayActorError:  # ActorDiedError, ActorUnavailableError (its node is gone)
                 await asyncio.sleep(0.2)  # Ray reports restarts only by failing calls
@@ -232,11 +289,41 @@ def _cluster_gpus() -> float:
     return resources.get("GPU", 0.0)
 
 
+@dataclass(slots=True)
+class _Lease:
+    """The channel connection one batch uses, and the replica generation it was made for."""
+
+    client: ChannelClient | None
+    generation: int = 0
+
+
+def _part(cts: str | list[str], start: int, stop: int | None) -> str | list[str]:
+    return cts if isinstance(cts, str) else cts[start:stop]
+
+
+def _owned(output: BatchOutput) -> BatchOutput:
+    """The outputs copied out of a channel's shared memory (its next batch overwrites them)."""
+    output.buffer = bytes(output.buffer)
+    return output
+
+
+def _concat(left: BatchOutput, right: BatchOutput) -> BatchOutput:
+    shift = len(left)
+    return BatchOutput(
+        buffer=bytes(left.buffer) + bytes(right.buffer),
+        offsets=np.concatenate([left.offsets, right.offsets[1:] + left.offsets[-1]]),
+        failures={**left.failures, **{i + shift: f for i, f in right.failures.items()}},
+        not_run=left.not_run | {i + shift for i in right.not_run},
+        exec_ms=left.exec_ms + right.exec_ms,
+    )
+
+
 async def _kill(replicas: list[Replica]) -> None:
     """Kill the actors, then wait (at most ``EXIT_TIMEOUT_S``) until Ray reports each dead and,
     for one that ran on this host, its process has exited: only then is its memory free, and
     only then may the registry count it as released."""
     for replica in replicas:
+        replica.close_channels()
         ray.kill(replica.actor, no_restart=True)
     deadline = time.monotonic() + EXIT_TIMEOUT_S
     for replica in replicas:

@@ -54,8 +54,7 @@ from manager.registry import ModelState, Outcome, Registry, RegistryError, Reser
 from manager.resilience import forever
 from manager.settings import ManagerSettings
 from producer import keys
-from workers.curve import ProfileError
-from workers.profiler import ProfileOptions
+from workers.curve import ProfileError, ProfileOptions
 from workers.spec import ModelSpec
 
 __all__ = ["CPU_DEVICE", "Loader", "model_bytes"]

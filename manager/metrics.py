@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -53,9 +54,7 @@ class Metrics:
         self.batches.labels(model, reason).inc()
         self.batch_size.labels(model).observe(size)
         self.exec_ms.labels(model).observe(exec_ms)
-        histogram = self.queue_wait.labels(model)
-        for wait in waits_ms:
-            histogram.observe(wait)
+        _observe_many(self.queue_wait.labels(model), waits_ms)
 
     def answered(self, model: str, ok: int, errors: Iterable[str]) -> None:
         if ok:
@@ -66,6 +65,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _observe_many(histogram: Histogram, values: Iterable[float]) -> None:
+    """``histogram.observe(v)`` for each of ``values``, as one increment per bucket: a batch's
+    per-request waits cost one call each otherwise. Uses prometheus_client's bucket layout
+    (``_upper_bounds``, ``_buckets``, ``_sum``; the same fields ``observe`` uses)."""
+    amounts = np.fromiter(values, dtype=np.float64)
+    if not amounts.size:
+        return
+    bounds = histogram._upper_bounds
+    counts = np.bincount(np.searchsorted(bounds, amounts, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(amounts.sum()))
+    for bucket, count in zip(histogram._buckets, counts, strict=False):
+        if count:
+            bucket.inc(int(count))
 
 
 class MetricsServer:

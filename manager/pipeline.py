@@ -22,11 +22,13 @@ from manager.metrics import Metrics
 from manager.profiles import latency_model
 from manager.registry import Registry
 from manager.resilience import RedisLink, retrying
-from manager.results import BatchInfo, Finished, ResultWriter, error, success
+from manager.resp import Commands
+from manager.results import BatchInfo, Finished, ResultWriter, Successes, error
 from manager.settings import ManagerSettings
 from manager.stats import RollingStats
 from producer import keys
 from producer.wire import BadEntry, ErrorCode, Request, clip, now_ms, parse_request
+from workers.channel import ChannelError
 from workers.curve import Profile
 from workers.spec import ModelSpec
 
@@ -53,7 +55,8 @@ class ModelPipeline:
         self.batcher = Batcher(cap=spec.max_batch, max_wait_ms=spec.max_wait_ms, latency=latency or LatencyModel(),
                                max_bytes=settings.max_batch_bytes)
         self.writer = ResultWriter(client, model=spec.id, consumer=settings.consumer,
-                                   reply_maxlen=settings.reply_maxlen, link=self.link)
+                                   reply_maxlen=settings.reply_maxlen, link=self.link,
+                                   reply_inline_bytes=settings.reply_inline_bytes)
         self.metrics = metrics or Metrics()
         self.stats = RollingStats()
         self._wake = asyncio.Event()  # work arrived or a batch finished
@@ -352,36 +355,43 @@ class ModelPipeline:
             return finished
         info_ms = now_ms()
         method = runnable[0].method or self.spec.methods[0]
+        ct = runnable[0].ct
+        cts: str | list[str] = ct if all(r.ct == ct for r in runnable) else [r.ct for r in runnable]
         try:
-            result = await self._pool.run(replica, method, [r.ct for r in runnable],
-                                          [r.payload for r in runnable])
-        except (RayError, TimeoutError) as exc:  # the worker cannot run at all: answer, do not retry forever
-            log.error("model %s: batch %s of %d failed in Ray: %s", model, batch_id, len(runnable), exc)
+            async with self._pool.dispatch(replica, method, cts, [r.payload for r in runnable]) as output:
+                if len(output) != len(runnable):
+                    message = f"worker returned {len(output)} results for a batch of {len(runnable)}"
+                    return finished + [error(model, r, ErrorCode.OUTPUT_MISMATCH, message) for r in runnable]
+                info = BatchInfo(id=batch_id, size=len(runnable), reason=str(reason), dispatched_ms=info_ms,
+                                 exec_ms=output.exec_ms)
+                failures, not_run = output.failures, output.not_run
+                successes = Successes(model, info)
+                for index, request in enumerate(runnable):  # envelopes copy the outputs out of the slot
+                    failure = failures.get(index)
+                    if failure is None:
+                        finished.append(successes.envelope(request, output.out(index)))
+                    else:  # an input that did not decode never ran: no batch in its envelope (protocol §5)
+                        finished.append(error(model, request, failure[0], failure[1],
+                                              None if index in not_run else info))
+        except (RayError, TimeoutError, ChannelError) as exc:  # the worker cannot run at all: answer
+            log.error("model %s: batch %s of %d failed in its worker: %s", model, batch_id, len(runnable), exc)
             message = f"the model's worker failed: {type(exc).__name__}: {str(exc)[:500]}"
             return finished + [error(model, r, ErrorCode.INTERNAL, message) for r in runnable]
-        if len(result.items) != len(runnable):
-            message = f"worker returned {len(result.items)} results for a batch of {len(runnable)}"
-            return finished + [error(model, r, ErrorCode.OUTPUT_MISMATCH, message) for r in runnable]
-        info = BatchInfo(id=batch_id, size=len(runnable), reason=str(reason), dispatched_ms=info_ms,
-                         exec_ms=result.exec_ms)
-        self.batcher.latency.observe(len(runnable), result.exec_ms)
+        self.batcher.latency.observe(len(runnable), output.exec_ms)
         self.stats.batch(len(runnable))
-        self.metrics.batch(model, size=len(runnable), reason=str(reason), exec_ms=result.exec_ms,
+        self.metrics.batch(model, size=len(runnable), reason=str(reason), exec_ms=output.exec_ms,
                            waits_ms=(info_ms - (r.enqueued_ms or r.read_ms) for r in runnable))
-        for request, item in zip(runnable, result.items, strict=True):
-            if item.ok:
-                finished.append(success(model, request, item.out, info))
-            else:  # an input that did not decode never ran: its envelope has no batch (protocol §5)
-                ran = item.code != ErrorCode.BAD_REQUEST
-                finished.append(error(model, request, item.code, item.message, info if ran else None))
         return finished
 
     async def _drop_before_run(self, requests: list[Request]) -> tuple[list[Finished], list[Request]]:
         """Answer cancelled, expired and already-answered requests without running them."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.mget([keys.cancel(r.id) for r in requests])
-        pipe.mget([keys.result(r.id) for r in requests])
-        cancelled, existing = await retrying(pipe.execute, f"checking batch of model {self.spec.id}", self.link)
+        commands = Commands()
+        commands.mget([keys.cancel(r.id).encode() for r in requests] + [keys.result(r.id).encode() for r in requests])
+        (found,) = await retrying(lambda: commands.send(self._redis), f"checking batch of model {self.spec.id}",
+                                  self.link)
+        if isinstance(found, redis.ResponseError):
+            raise found
+        cancelled, existing = found[: len(requests)], found[len(requests):]
         now = now_ms()
         model = self.spec.id
         finished: list[Finished] = []

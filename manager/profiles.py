@@ -24,8 +24,7 @@ from manager.batcher import LatencyModel
 from manager.dispatcher import ReplicaPool
 from producer import keys
 from producer.errors import NosqError
-from workers.curve import Profile, ProfileError
-from workers.profiler import ProfileOptions
+from workers.curve import Profile, ProfileError, ProfileOptions
 from workers.spec import ModelSpec
 
 __all__ = [

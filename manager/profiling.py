@@ -17,8 +17,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from manager import raycluster
 from producer.errors import NosqError
 from workers.actor import ModelWorker
-from workers.curve import Measurement, Plan, Profile, assemble, measurement_from_dict, sweep
-from workers.profiler import ProfileOptions
+from workers.curve import Measurement, Plan, Profile, ProfileOptions, assemble, measurement_from_dict, sweep
 from workers.spec import ModelSpec
 
 __all__ = ["profile_in_actor"]

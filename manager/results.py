@@ -6,17 +6,22 @@ writer wins), so an entry that runs twice after a crash still has exactly one re
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+import redis
 import redis.asyncio
 
 from manager.resilience import RedisLink, retrying
+from manager.resp import Commands
 from producer import keys
 from producer.wire import PROTOCOL_VERSION, ErrorCode, Request, clip, encode_envelope, now_ms
 
-__all__ = ["BatchInfo", "Finished", "ResultWriter", "error", "success"]
+__all__ = ["BatchInfo", "Finished", "ResultWriter", "Successes", "error"]
 
 log = logging.getLogger(__name__)
 DEAD_LETTER_MAXLEN = 100_000  # entries a dead-letter stream keeps (approximately)
@@ -42,10 +47,53 @@ class Finished:
     code: str = ""  # the error code; "" when the request succeeded
 
 
-def success(model: str, request: Request, out: bytes, batch: BatchInfo) -> Finished:
-    header = _header(model, request, batch)
-    header["ok"] = True
-    return Finished(request, encode_envelope(request.ct, header, out))
+class Successes:
+    """The envelopes of one batch's successful requests. What they share (version, model,
+    exec_ms, batch) is encoded once per content type; each request adds its id, queued and wait
+    ms, deliveries and its output, spliced in as encoded (never decoded)."""
+
+    __slots__ = ("_batch", "_model", "_templates")
+
+    def __init__(self, model: str, batch: BatchInfo) -> None:
+        self._model = model
+        self._batch = batch
+        self._templates: dict[str, tuple[bytes, ...]] = {}
+
+    def envelope(self, request: Request, out: bytes | memoryview) -> Finished:
+        parts = self._templates.get(request.ct) or self._template(request.ct)
+        read_ms = request.read_ms
+        queued = max(0, read_ms - request.enqueued_ms) if request.enqueued_ms else 0
+        wait = max(0, self._batch.dispatched_ms - read_ms)
+        if request.ct == "msgpack":
+            pack = msgpack.packb
+            body = b"".join((parts[0], pack(request.id), parts[1], pack(queued), parts[2], pack(wait), parts[3],
+                             pack(request.deliveries), parts[4], out))
+        else:
+            body = b"".join((parts[0], request.id.encode(), parts[1], b"%d" % queued, parts[2], b"%d" % wait, parts[3],
+                             b"%d" % request.deliveries, parts[4], out, b"}"))
+        return Finished(request, body)
+
+    def _template(self, ct: str) -> tuple[bytes, ...]:
+        batch = self._batch
+        exec_ms = round(batch.exec_ms, 3)
+        provenance = {"id": batch.id, "size": batch.size, "reason": batch.reason}
+        if ct == "msgpack":
+            pack = msgpack.packb
+            parts = (b"\x88" + pack("v") + pack(PROTOCOL_VERSION) + pack("id"),
+                     pack("ok") + pack(True) + pack("model") + pack(self._model) + pack("timings") + b"\x83"
+                     + pack("queued_ms"),
+                     pack("wait_ms"),
+                     pack("exec_ms") + pack(exec_ms) + pack("batch") + pack(provenance) + pack("deliveries"),
+                     b"\xa3out")
+        else:  # json; request ids need no escaping (REQUEST_ID_RE)
+            dumps = functools.partial(json.dumps, separators=(",", ":"))
+            parts = ((f'{{"v":{PROTOCOL_VERSION},"id":"').encode(),
+                     (f'","ok":true,"model":{dumps(self._model)},"timings":{{"queued_ms":').encode(),
+                     b',"wait_ms":',
+                     (f',"exec_ms":{dumps(exec_ms)}}},"batch":{dumps(provenance)},"deliveries":').encode(),
+                     b',"out":')
+        self._templates[ct] = parts
+        return parts
 
 
 def error(model: str, request: Request, code: ErrorCode | str, message: str,
@@ -74,41 +122,54 @@ class ResultWriter:
     """Writes the results of one model's requests and acknowledges their entries."""
 
     def __init__(self, client: redis.asyncio.Redis, *, model: str, consumer: str, reply_maxlen: int,
-                 link: RedisLink, dead_letter_ttl_s: int | None = None, stream: str | None = None) -> None:
+                 link: RedisLink, dead_letter_ttl_s: int | None = None, stream: str | None = None,
+                 reply_inline_bytes: int = 4096) -> None:
         self._redis = client
         self._model = model
         self._consumer = consumer.encode()
         self._dead_letter_ttl_s = dead_letter_ttl_s  # None: the dead-letter stream keeps no TTL
         self._stream = stream or keys.requests(model)
         self._reply_maxlen = reply_maxlen
+        self._reply_inline_bytes = reply_inline_bytes
         self._link = link  # a write is idempotent (SET NX, XACK, XDEL): retried once Redis is back
 
     async def write(self, finished: list[Finished], extra_acks: list[str] | None = None) -> None:
-        """Write every result, then ack and delete the entries (and ``extra_acks``)."""
+        """Write every result, then ack and delete the entries (and ``extra_acks``): one round
+        trip (``manager.resp``). The envelope goes to Redis once, to its result key; the
+        reply-stream notice carries it too only when it is small (``reply_inline_bytes``)."""
         if not finished and not extra_acks:
             return
-        pipe = self._redis.pipeline(transaction=False)
+        commands = Commands()
         replies: dict[str, int] = {}
+        inline, maxlen = self._reply_inline_bytes, self._reply_maxlen
+        maxlen_arg = b"%d" % maxlen
         for item in finished:
             req = item.request
-            pipe.set(keys.result(req.id), item.envelope, nx=True, ex=req.ttl_s)
+            ttl = req.ttl_s
+            rid = req.id.encode()
+            commands.set_nx_ex(keys.result(req.id).encode(), item.envelope, ttl)
             if req.reply is None:  # a waiter on BLPOP
                 done = keys.done(req.id)
-                pipe.rpush(done, b"1")
-                pipe.expire(done, req.ttl_s)
-            else:  # a multiplexing client: its reply stream replaces the token
-                stream = keys.reply(req.reply)
-                pipe.xadd(stream, {"id": req.id, "r": item.envelope},
-                          maxlen=self._reply_maxlen, approximate=True)
-                replies[stream] = max(replies.get(stream, 0), req.ttl_s)
+                commands.add(b"RPUSH", done, b"1")
+                commands.add(b"EXPIRE", done, ttl)
+                continue
+            stream = keys.reply(req.reply)  # a multiplexing client: its reply stream replaces the token
+            notice = item.envelope if len(item.envelope) <= inline else None  # large: only in its key
+            commands.xadd_notice(stream.encode(), maxlen_arg, rid, notice)
+            if replies.get(stream, 0) < ttl:
+                replies[stream] = ttl
         for stream, ttl in replies.items():
-            pipe.expire(stream, ttl)
+            commands.add(b"EXPIRE", stream, ttl)
         ack_ids = [item.request.entry_id for item in finished if item.request.entry_id]
         ack_ids.extend(extra_acks or ())
         if ack_ids:
-            pipe.xack(self._stream, keys.GROUP, *ack_ids)
-            pipe.xdel(self._stream, *ack_ids)
-        await retrying(pipe.execute, f"writing {len(finished)} result(s) of model {clip(self._model)}", self._link)
+            commands.add(b"XACK", self._stream, keys.GROUP, *ack_ids)
+            commands.add(b"XDEL", self._stream, *ack_ids)
+        answers = await retrying(lambda: commands.send(self._redis),
+                                 f"writing {len(finished)} result(s) of model {clip(self._model)}", self._link)
+        for answer in answers:
+            if isinstance(answer, redis.ResponseError):
+                raise answer
 
     async def dead_letter(self, entries: list[tuple[bytes, dict[bytes, bytes], str]], code: ErrorCode) -> None:
         """Move entries (id, fields, reason) to the model's dead-letter stream with their reason,

@@ -41,7 +41,7 @@ from manager.unknown import UnknownModels
 from producer import keys
 from producer.errors import NosqError
 from producer.wire import now_ms
-from workers.profiler import ProfileOptions
+from workers.curve import ProfileOptions
 from workers.spec import ServeConfig
 
 __all__ = ["Manager", "State"]
@@ -114,7 +114,7 @@ class Manager:
         self._owns_ray = raycluster.connect(settings.ray_address, settings.ray_num_cpus)
         for spec in self.config.models:
             pool = ReplicaPool(spec, inflight_per_replica=settings.inflight_per_replica,
-                               dispatch_attempts=settings.dispatch_attempts)
+                               dispatch_attempts=settings.dispatch_attempts, local_channel=settings.local_channel)
             self._pools[spec.id] = pool
         on_demand = settings.cpu_budget_bytes is not None
         if on_demand:  # models load when requests wait for them (manager.loader)

@@ -29,6 +29,12 @@ class ManagerSettings(BaseModel):
     min_idle_ms: int = Field(default=30_000, ge=100, description="idle time before XAUTOCLAIM takes an entry")
     max_deliveries: int = Field(default=5, ge=1, description="deliveries before the dead-letter stream")
     dispatch_attempts: int = Field(default=3, ge=1, description="tries of one batch when its worker dies")
+    local_channel: bool = Field(
+        default=True, description="send batches to replicas on this host through shared memory and a Unix "
+        "socket (workers.channel); False: every batch is a Ray call (slower; for comparison)")
+    reply_inline_bytes: int = Field(
+        default=4096, ge=0, description="an envelope up to this size rides in the reply-stream notice; a larger "
+        "one is only in its result key, which the client fetches (docs/protocol.md section 8)")
     heartbeat_ttl_s: int = Field(default=10, ge=2)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     unknown_scan_interval_s: float = Field(default=1.0, gt=0)

@@ -85,6 +85,7 @@ class UnknownModels:
         label = model if MODEL_ID_RE.fullmatch(model) else clip(model)  # the envelopes' "model"
         writer = ResultWriter(self._redis, model=model, consumer=self._settings.consumer,
                               reply_maxlen=self._settings.reply_maxlen, link=self._link,
+                              reply_inline_bytes=self._settings.reply_inline_bytes,
                               dead_letter_ttl_s=DEAD_LETTER_TTL_S, stream=stream.decode("utf-8", "replace"))
         if label == model:
             served = ", ".join(sorted(self._served)) or "none"

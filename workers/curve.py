@@ -27,6 +27,7 @@ else:
 
 __all__ = [
     "EXAMPLE_OPTION",
+    "ProfileOptions",
     "MIB",
     "PROFILE_VERSION",
     "Measurement",
@@ -182,6 +183,24 @@ class Profile:
 
 
 # -- the sweep and the choice (pure) ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileOptions:
+    """How long to measure and how much memory a batch may take."""
+
+    rounds: int = 3  # each size is measured this many times, interleaved (``workers.curve.sweep``)
+    warmup: int = 2
+    min_reps: int = 10  # per round
+    max_reps: int = 300
+    min_time_s: float = 0.1
+    max_time_s: float = 2.0  # per size; at least 3 timed runs whatever it says
+    memory_reps: int = 2
+    sample_interval_s: float = 0.0005
+    cpu_memory_fraction: float = 0.25  # of the RAM available when profiling starts
+    cuda_reserve_fraction: float = 0.1  # of the card's memory, kept out of the headroom
+    memory_limit_bytes: int | None = None  # overrides both of the above
+    stop_over_budget: bool = True
 
 
 def batch_sizes(cap: int) -> tuple[int, ...]:

@@ -18,10 +18,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from producer.codec import DTYPES
 from producer.errors import NosqError
 from workers.curve import EXAMPLE_OPTION
 
-__all__ = ["ConfigError", "ModelSpec", "ServeConfig", "load_config"]
+__all__ = ["ConfigError", "ItemSchema", "ModelSpec", "ServeConfig", "load_config"]
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$", re.ASCII)
 _METHOD_RE = re.compile(r"^[A-Za-z]\w*$", re.ASCII)
@@ -31,7 +32,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # default, so a spec that does not use them keeps the fingerprint (and the profiles) it had
 _FINGERPRINT_IF_SET = {"compile": "eager", "compile_mode": None}
 # where compiled artifacts live does not change the model: never part of the fingerprint
-_NOT_FINGERPRINTED = ("compile_cache_dir", "max_backlog", "min_replicas", "max_replicas", "scale_up_delay_s",
+_NOT_FINGERPRINTED = ("compile_cache_dir", "input", "max_backlog", "min_replicas", "max_replicas", "scale_up_delay_s",
                       "scale_down_delay_s", "scale_target_wait_s")
 # nor does where its replicas run (custom Ray resources): moving a model keeps its profiles
 _PLACEMENT_FIELDS = ("resources",)
@@ -41,6 +42,29 @@ _BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
 class ConfigError(NosqError, ValueError):
     """A config file that cannot be read or does not describe a valid set of models."""
+
+
+class ItemSchema(BaseModel):
+    """One input item of a model, e.g. ``{dtype = "float32", shape = [512]}`` (no batch dimension)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"dtype {value!r} is not a wire dtype: use one of {', '.join(DTYPES)}")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _check_shape(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < 0 for d in value):
+            raise ValueError(f"shape {list(value)!r} must be sizes >= 0")
+        return value
 
 
 class ModelSpec(BaseModel):
@@ -59,6 +83,9 @@ class ModelSpec(BaseModel):
     num_cpus: float = Field(default=1.0, ge=0)
     threads: int | None = Field(default=None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
+    # one input item's dtype and shape: items of another layout are answered bad_request, numeric
+    # lists are converted to it, and batches of it are decoded straight into one buffer
+    input: ItemSchema | None = None
     max_backlog: int | None = Field(default=None, ge=1)  # entries waiting before producers get QueueFull
     # eager, torch.jit.trace per batch bucket, or torch.compile (``workers.compiling``)
     compile: Literal["eager", "trace", "compile"] = "eager"

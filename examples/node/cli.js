@@ -8,7 +8,8 @@
  *       enqueues {x: float32 tensor [[0,1,2],[3,4,5]], note: "hello from node"};
  *       prints {"id": "..."}
  *   node cli.js wait <id> <ct> <timeoutS>
- *       prints the result envelope as JSON, tensors as {dtype, shape, values}
+ *       prints the result envelope as JSON, tensors as {dtype, shape, values}; waits with
+ *       nosq.waitResult (GET on the client, BLPOP on a duplicate connection it opens and closes)
  *
  * Exit status: 0 done (also for an envelope with ok: false), 2 usage, 3 queue full,
  * 4 no result within the timeout, 1 anything else.

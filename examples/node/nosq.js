@@ -8,7 +8,7 @@
  *   const client = await createClient({ url: 'redis://127.0.0.1:6379/0' }).connect();
  *   const x = nosq.encodeTensor('float32', [2, 3], Float32Array.of(0, 1, 2, 3, 4, 5));
  *   const id = await nosq.enqueue(client, 'noop', { x }, { ct: 'msgpack', timeoutMs: 5000 });
- *   const envelope = await nosq.waitResult(client, id, 'msgpack', 5);
+ *   const envelope = await nosq.waitResult(client, id, 'msgpack', 5); // BLPOP on its own connection
  *   if (envelope.ok) console.log(envelope.out.x.toTypedArray());
  *
  * Tensors decode to `Tensor` objects (dtype, shape, little-endian bytes). Nothing here is
@@ -290,8 +290,12 @@ async function enqueue(client, model, inputs, options = {}) {
 /**
  * Wait for the result of request `id`: GET the result key; if absent, BLPOP the wake-up list
  * for up to `timeoutS` seconds; then GET again. Resolves to the decoded envelope, or throws
- * NosqTimeoutError. BLPOP holds the connection: give this a client of its own
- * (`client.duplicate()`) when the same client also sends other commands meanwhile.
+ * NosqTimeoutError. `client` is never blocked: the GETs go through it, and BLPOP, which holds
+ * its connection until it returns (protocol section 7), runs on a duplicate of it
+ * (`client.duplicate()`: same URL, credentials and TLS options), opened for this wait and
+ * closed after it. So `client` may be shared with other commands and with concurrent waits.
+ * The duplicate costs one connection set-up per wait that has to block; a process with many
+ * requests in flight should use a reply stream instead (protocol section 8).
  */
 async function waitResult(client, id, ct, timeoutS) {
   checkCt(ct);
@@ -299,11 +303,29 @@ async function waitResult(client, id, ct, timeoutS) {
   const binary = client.withTypeMapping({ [RESP_TYPES.BLOB_STRING]: Buffer });
   let data = await binary.get(keys.result(id));
   if (data == null) {
-    await client.blPop(keys.done(id), timeoutS);
+    await blockingPop(client, keys.done(id), timeoutS);
     data = await binary.get(keys.result(id));
   }
   if (data == null) throw new NosqTimeoutError(id, timeoutS);
   return decodeEnvelope(ct, data);
+}
+
+/** BLPOP `key` for up to `timeoutS` s on a connection of its own, a duplicate of `client`. */
+async function blockingPop(client, key, timeoutS) {
+  const blocking = client.duplicate();
+  let lastError = null;
+  blocking.on('error', (err) => { lastError = err; }); // surfaced by the failing call below
+  try {
+    await blocking.connect();
+  } catch (err) {
+    blocking.destroy();
+    throw new NosqError(`cannot open a connection for BLPOP: ${(lastError || err).message}`);
+  }
+  try {
+    await blocking.blPop(key, timeoutS);
+  } finally {
+    blocking.destroy(); // nothing is pending on it once BLPOP has returned or failed
+  }
 }
 
 /** Ask the manager not to run request `id`; it answers `cancelled` if it had not dispatched it. */

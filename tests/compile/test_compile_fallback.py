@@ -13,6 +13,7 @@ from torch import nn
 
 from producer.codec import decode_value, encode_value
 from workers.actor import ModelWorker
+from workers.datapath import batch_of
 from workers.spec import ModelSpec
 
 # --- test models (the worker imports their factories through this module's name) ------------
@@ -73,9 +74,9 @@ def _worker(factory: str, compile_as: Mode, tmp_path: Path, max_batch: int = 8) 
 
 
 def _run(worker: ModelWorker, items: list[Any]) -> list[Any]:
-    result = worker.run("forward", ["msgpack"] * len(items), [encode_value("msgpack", x) for x in items])
-    assert all(r.ok for r in result.items), [r.message for r in result.items if not r.ok]
-    return [decode_value("msgpack", r.out) for r in result.items]
+    result = worker.run(batch_of("forward", "msgpack", [encode_value("msgpack", x) for x in items]))
+    assert all(r.ok for r in result.items()), [r.message for r in result.items() if not r.ok]
+    return [decode_value("msgpack", r.out) for r in result.items()]
 
 
 def test_untraceable_control_flow_falls_back_to_eager(tmp_path: Path) -> None:
@@ -150,9 +151,9 @@ def test_an_input_error_keeps_the_compiled_path(tmp_path: Path, monkeypatch: pyt
     calls: list[bool] = []
     monkeypatch.setattr("torch.compile", _fake_compile(False, False, calls))
     worker = _worker("picky", "compile", tmp_path)
-    result = worker.run("forward", ["msgpack"] * 2, [encode_value("msgpack", np.array(v, np.float32))
-                                                     for v in ([1, 1], [-1, 1])])
-    assert result.items[0].ok and not result.items[1].ok and result.items[1].code == "model_error"
+    result = worker.run(batch_of("forward", "msgpack", [encode_value("msgpack", np.array(v, np.float32))
+                                                        for v in ([1, 1], [-1, 1])]))
+    assert result.items()[0].ok and not result.items()[1].ok and result.items()[1].code == "model_error"
     status = worker.ready()["compile"]
     assert status["active"] == "compile" and status["strategy"] == "dynamic" and status["error"] is None
 

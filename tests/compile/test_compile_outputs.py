@@ -16,6 +16,7 @@ import pytest
 
 from producer.codec import decode_value, encode_value
 from workers.actor import ModelWorker
+from workers.datapath import batch_of
 from workers.spec import ModelSpec
 
 SMALL: dict[str, dict[str, Any]] = {
@@ -42,9 +43,9 @@ def _items(worker: ModelWorker, n: int, seed: int) -> list[np.ndarray[Any, Any]]
 
 
 def _run(worker: ModelWorker, items: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-    result = worker.run("forward", ["msgpack"] * len(items), [encode_value("msgpack", x) for x in items])
-    assert all(r.ok for r in result.items), [r.message for r in result.items if not r.ok]
-    return [np.asarray(decode_value("msgpack", r.out)) for r in result.items]
+    result = worker.run(batch_of("forward", "msgpack", [encode_value("msgpack", x) for x in items]))
+    assert all(r.ok for r in result.items()), [r.message for r in result.items() if not r.ok]
+    return [np.asarray(decode_value("msgpack", r.out)) for r in result.items()]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_eager_status_and_untouched_model(cache: Path) -> None:
         "requested": "eager", "active": "eager", "error": None, "mode": None, "strategy": None,
         "buckets": [], "compile_s": 0.0, "cache_dir": None,
     }
-    assert worker.compiled.method("forward") == worker.model.forward  # no wrapper on the eager path
+    assert worker.runtime.compiled.method("forward") == worker.model.forward  # no wrapper on the eager path
 
 
 def test_trace_profiles_the_traced_model(cache: Path) -> None:
@@ -93,15 +94,15 @@ def test_trace_profiles_the_traced_model(cache: Path) -> None:
     worker = ModelWorker(_spec("mlp", "trace", cache))
     options = ProfileOptions(rounds=1, warmup=1, min_reps=2, max_reps=3, min_time_s=0.0, max_time_s=0.05)
     profile = worker.profile(max_batch=4, options=options)
-    assert profile["fingerprint"] == worker.spec.fingerprint() != _spec("mlp", "eager", cache).fingerprint()
+    assert profile["fingerprint"] == worker.runtime.spec.fingerprint() != _spec("mlp", "eager", cache).fingerprint()
     assert worker.ready()["compile"]["buckets"] == [1, 2, 4]  # the sweep ran on the traces
 
 
 def test_inputs_off_the_compiled_path_run_eagerly(cache: Path) -> None:
     worker = ModelWorker(_spec("noop", "trace", cache))
     items = [{"a": 1}, "text", [1.0, 2.0]]
-    result = worker.run("forward", ["msgpack"] * 3, [encode_value("msgpack", x) for x in items])
-    assert [decode_value("msgpack", r.out) for r in result.items] == items
+    result = worker.run(batch_of("forward", "msgpack", [encode_value("msgpack", x) for x in items]))
+    assert [decode_value("msgpack", r.out) for r in result.items()] == items
     wide = [np.ones(5, dtype=np.float32)] * 2  # not the example's item shape (8,)
     assert [g.shape for g in _run(worker, wide)] == [(5,), (5,)]
     assert worker.ready()["compile"]["active"] == "trace"

@@ -303,5 +303,6 @@ async def test_own_pending_entries_keep_their_delivery_count_across_a_restart(
     assert dead.deliveries == 7 and "delivered 7 times" in dead.message  # the restart's read is the 7th
     assert ok.ok and ok.deliveries == 2
     letters = await redis_db10.xrange(keys.dead_letters("noop"))
-    assert [(f[b"id"], f[b"code"], f[b"entry"]) for _, f in letters] == [(poison.encode(), b"dead_letter", poison_entry)]
+    assert [(f[b"id"], f[b"code"], f[b"entry"]) for _, f in letters] == [
+        (poison.encode(), b"dead_letter", poison_entry)]
     assert await stream_is_drained(redis_db10, "noop") == (0, 0)

@@ -45,7 +45,7 @@ def plan(*, cap: int = 64, budget_ms: float = 100.0, limit_mib: float = 1024.0, 
 
 PUBLIC = {
     "workers.curve": ["EXAMPLE_OPTION", "MIB", "PROFILE_VERSION", "Measurement", "OutOfMemory", "Plan", "Point",
-                      "Profile", "ProfileError", "Stop", "assemble", "batch_sizes", "choose",
+                      "Profile", "ProfileError", "ProfileOptions", "Stop", "assemble", "batch_sizes", "choose",
                       "measurement_from_dict", "merge", "sweep"],
     "workers.profiler": ["ProfileOptions", "Profiler", "device_kind", "example_from_options", "input_signature",
                          "is_out_of_memory", "weights_bytes"],

@@ -24,24 +24,24 @@ from manager.settings import ManagerSettings
 from producer import keys
 from producer.codec import encode_value
 from producer.wire import request_fields
-from workers.actor import BatchResult, ItemResult
+from workers.datapath import BatchInput, BatchOutput
 from workers.spec import ModelSpec
 
 BLOCK_MS = 400  # the reader's blocking read: long enough to land an entry inside it
 
 
 class _Echo:
-    """``actor.run.remote(method, cts, payloads)``: an awaitable BatchResult, like a Ray ref."""
+    """``actor.run.remote(batch)``: an awaitable BatchOutput (its inputs back), like a Ray ref."""
 
     def __init__(self) -> None:
         self.run = self
         self.calls = 0
 
-    def remote(self, method: str, cts: list[str], payloads: list[bytes]) -> Coroutine[Any, Any, BatchResult]:
+    def remote(self, batch: BatchInput) -> Coroutine[Any, Any, BatchOutput]:
         self.calls += 1
 
-        async def answer() -> BatchResult:
-            return BatchResult([ItemResult(True, out=p) for p in payloads], 0.1)
+        async def answer() -> BatchOutput:
+            return BatchOutput(batch.buffer, batch.offsets, exec_ms=0.1)
 
         return answer()
 

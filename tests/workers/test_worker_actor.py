@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,9 @@ from torch import nn
 
 from producer.codec import decode_value, encode_value
 from workers import demo
-from workers.actor import BatchResult, ItemResult, ModelLoadError, ModelWorker
+from workers.actor import ModelWorker
+from workers.datapath import BatchOutput, ItemResult, batch_of
+from workers.runtime import ModelLoadError
 from workers.spec import ModelSpec
 
 # --- test models (factories are imported by the worker through this module's name) -------------
@@ -55,7 +58,23 @@ def broken(fail: bool = True) -> nn.Module:
 
 
 def _worker(factory: str, **fields: Any) -> ModelWorker:
-    return ModelWorker(ModelSpec(id="t", factory=f"{__name__}:{factory}", **fields))
+    return ModelWorker(ModelSpec(id="t", factory=f"{__name__}:{factory}", **fields), local_channel=False)
+
+
+@dataclass
+class Result:
+    items: list[ItemResult]
+    output: BatchOutput
+
+    @property
+    def exec_ms(self) -> float:
+        return self.output.exec_ms
+
+
+def run(worker: ModelWorker, method: str, cts: list[str], payloads: list[bytes]) -> Result:
+    """One batch through ``ModelWorker.run``, the way a Ray call sends it."""
+    output = worker.run(batch_of(method, cts, payloads))
+    return Result(output.items(), output)
 
 
 def _picky_worker() -> ModelWorker:
@@ -78,7 +97,7 @@ def _encode_all(values: list[Any], cts: list[str]) -> list[bytes]:
     return [encode_value(ct, value) for ct, value in zip(cts, values, strict=True)]
 
 
-def _outputs(result: BatchResult, cts: list[str]) -> list[Any]:
+def _outputs(result: Result, cts: list[str]) -> list[Any]:
     assert all(item.ok for item in result.items), result.items
     return [decode_value(ct, item.out) for ct, item in zip(cts, result.items, strict=True)]
 
@@ -89,8 +108,8 @@ def _outputs(result: BatchResult, cts: list[str]) -> list[Any]:
 @pytest.mark.parametrize("model_id", ["noop", "mlp", "cnn", "transformer"])
 def test_demo_model_matches_direct_call(model_id: str) -> None:
     spec = ModelSpec(id=model_id, factory=f"workers.demo:{model_id}")
-    worker = ModelWorker(spec)
-    assert worker.device.type == "cpu"
+    worker = ModelWorker(spec, local_channel=False)
+    assert worker.runtime.device.type == "cpu"
     model = worker.model
     assert isinstance(model, demo.DemoModel)
     assert not model.training
@@ -98,7 +117,7 @@ def test_demo_model_matches_direct_call(model_id: str) -> None:
     generator = torch.Generator().manual_seed(7)
     items = [torch.randn(example.shape, generator=generator).numpy() for _ in range(5)]
     cts = ["msgpack", "json", "msgpack", "json", "msgpack"]
-    result = worker.run("forward", cts, _encode_all(items, cts))
+    result = run(worker, "forward", cts, _encode_all(items, cts))
     assert result.exec_ms > 0
     with torch.inference_mode():
         direct = model(torch.from_numpy(np.stack(items)))
@@ -122,10 +141,10 @@ def test_demo_factories_are_seeded_and_shaped() -> None:
 
 
 def test_noop_echoes_any_value() -> None:
-    worker = ModelWorker(ModelSpec(id="noop", factory="workers.demo:noop"))
+    worker = ModelWorker(ModelSpec(id="noop", factory="workers.demo:noop"), local_channel=False)
     values: list[Any] = [{"x": 1}, "text", [1, "a"], None]
     cts = ["msgpack", "json", "msgpack", "json"]
-    result = worker.run("forward", cts, _encode_all(values, cts))
+    result = run(worker, "forward", cts, _encode_all(values, cts))
     assert _outputs(result, cts) == values
 
 
@@ -136,7 +155,7 @@ def test_bad_payload_fails_alone() -> None:
     worker = _picky_worker()
     cts = ["msgpack", "msgpack", "json", "json", "xml"]
     payloads = [encode_value("msgpack", np.ones(2, np.float32)), b"\xc1", b"{nope", b"[3.0, 4.0]", b"x"]
-    result = worker.run("forward", cts, payloads)
+    result = run(worker, "forward", cts, payloads)
     codes = [item.code for item in result.items]
     assert codes == ["", "bad_request", "bad_request", "", "bad_request"]
     assert "ProtocolError" in result.items[1].message
@@ -149,7 +168,7 @@ def test_model_error_fails_only_bad_items() -> None:
     worker = _picky_worker()
     values = [np.array([v, 1.0], np.float32) for v in (1, 2, -3, 4, 5, 6, -7, 8)]
     cts = ["msgpack"] * len(values)
-    result = worker.run("forward", cts, _encode_all(values, cts))
+    result = run(worker, "forward", cts, _encode_all(values, cts))
     for i, item in enumerate(result.items):
         if i in (2, 6):
             assert item == ItemResult(False, code="model_error", message="ValueError: negative input")
@@ -165,7 +184,7 @@ def test_mixed_shapes_run_as_one_batch_per_shape() -> None:
     worker = _picky_worker()
     values = [np.ones(2, np.float32), np.ones(3, np.float32), np.ones(2, np.float32), np.ones(3, np.float32)]
     cts = ["msgpack"] * 4
-    result = worker.run("total", cts, _encode_all(values, cts))
+    result = run(worker, "total", cts, _encode_all(values, cts))
     assert _outputs(result, cts) == [2.0, 3.0, 2.0, 3.0]
     assert _model(worker).calls == [2, 2]
 
@@ -173,7 +192,7 @@ def test_mixed_shapes_run_as_one_batch_per_shape() -> None:
 def test_output_mismatch_fails_whole_batch() -> None:
     worker = _picky_worker()
     cts = ["msgpack"] * 4
-    result = worker.run("short", cts, _encode_all([np.ones(2, np.float32)] * 4, cts))
+    result = run(worker, "short", cts, _encode_all([np.ones(2, np.float32)] * 4, cts))
     assert {item.code for item in result.items} == {"output_mismatch"}
     assert "model returned 3 outputs for a batch of 4" in result.items[0].message
 
@@ -182,7 +201,7 @@ def test_bad_output_fails_alone() -> None:
     worker = _picky_worker()
     values = [np.array([v], np.float32) for v in (1, 13, 2)]
     cts = ["msgpack", "json", "json"]
-    result = worker.run("unencodable", cts, _encode_all(values, cts))
+    result = run(worker, "unencodable", cts, _encode_all(values, cts))
     assert [item.code for item in result.items] == ["", "bad_output", ""]
     assert "object" in result.items[1].message
 
@@ -191,25 +210,23 @@ def test_unknown_method() -> None:
     worker = _picky_worker()
     cts = ["msgpack", "json"]
     for method in ("predict", "_call_impl", "train"):
-        result = worker.run(method, cts, [b"", b""])
+        result = run(worker, method, cts, [b"", b""])
         assert len(result.items) == 2
         assert {item.code for item in result.items} == {"unknown_method"}
         assert "allowed: forward, total, short, unencodable" in result.items[0].message
         assert repr(method) in result.items[0].message
 
 
-def test_empty_batch_and_length_mismatch() -> None:
-    worker = _picky_worker()
-    assert worker.run("forward", [], []) == BatchResult([], 0.0)
-    with pytest.raises(ValueError, match="2 content types for 1 payloads"):
-        worker.run("forward", ["json", "json"], [b"1"])
+def test_empty_batch() -> None:
+    result = run(_picky_worker(), "forward", [], [])
+    assert result.items == [] and list(result.output.offsets) == [0]
 
 
 # --- loading, ready, memory ------------------------------------------------------------------------
 
 
 def test_ready_and_memory() -> None:
-    worker = ModelWorker(ModelSpec(id="mlp", factory="workers.demo:mlp", threads=1))
+    worker = ModelWorker(ModelSpec(id="mlp", factory="workers.demo:mlp", threads=1), local_channel=False)
     assert torch.get_num_threads() == 1
     info = worker.ready()
     assert info["device"] == "cpu"
@@ -220,9 +237,10 @@ def test_ready_and_memory() -> None:
 
 
 def test_factory_options_are_passed() -> None:
-    worker = ModelWorker(ModelSpec(id="mlp", factory="workers.demo:mlp", options={"d_in": 4, "d_out": 2}))
+    worker = ModelWorker(ModelSpec(id="mlp", factory="workers.demo:mlp", options={"d_in": 4, "d_out": 2}),
+                         local_channel=False)
     cts = ["json"]
-    out = _outputs(worker.run("forward", cts, _encode_all([[1.0, 2.0, 3.0, 4.0]], cts)), cts)
+    out = _outputs(run(worker, "forward", cts, _encode_all([[1.0, 2.0, 3.0, 4.0]], cts)), cts)
     assert out[0].shape == (2,)
 
 

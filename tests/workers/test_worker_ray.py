@@ -12,7 +12,8 @@ import torch
 
 from producer.codec import decode_value, encode_value
 from workers import demo
-from workers.actor import BatchResult, ModelWorker
+from workers.actor import ModelWorker
+from workers.datapath import BatchInput, BatchOutput, pack
 from workers.spec import ModelSpec
 
 ray = pytest.importorskip("ray")
@@ -37,24 +38,41 @@ def ray_local() -> Iterator[Any]:
 
 
 def test_mlp_in_ray_actor_matches_direct(ray_local: Any) -> None:
+    """One batch through a Ray call and the same batch through the replica's shared-memory
+    channel: the same outputs, equal to the model called directly."""
+    import asyncio
+
+    from workers.channel import ChannelClient
+
     spec = ModelSpec(id="mlp", factory="workers.demo:mlp", threads=1)
     actor = ray_local.remote(ModelWorker).options(num_cpus=spec.num_cpus).remote(spec)
     try:
         info = ray_local.get(actor.ready.remote(), timeout=120)
         assert info["device"] == "cpu"
         assert info["pid"] != os.getpid()
+        assert info["channel"]
         items = [np.random.default_rng(i).standard_normal(512, dtype=np.float32) for i in range(6)]
         cts = ["msgpack", "json"] * 3
         payloads = [encode_value(ct, item) for ct, item in zip(cts, items, strict=True)]
-        result = ray_local.get(actor.run.remote("forward", cts, payloads), timeout=120)
-        assert isinstance(result, BatchResult)
-        assert len(result.items) == 6
+        batch = BatchInput("forward", tuple(cts), np.frombuffer(b"".join(payloads), np.uint8), pack(payloads))
+        result = ray_local.get(actor.run.remote(batch), timeout=120)
+        assert isinstance(result, BatchOutput)
+        assert len(result) == 6 and result.failures == {}
         assert result.exec_ms > 0
+
+        async def through_channel() -> list[bytes]:
+            client = await ChannelClient.connect(info["channel"])
+            try:
+                output = await client.run("forward", cts, payloads)
+                return [bytes(output.out(i)) for i in range(len(output))]
+            finally:
+                client.close()
+
+        assert asyncio.run(through_channel()) == [bytes(result.out(i)) for i in range(6)]
         with torch.inference_mode():
             direct = demo.mlp()(torch.from_numpy(np.stack(items)))
-        for i, (ct, item) in enumerate(zip(cts, result.items, strict=True)):
-            assert item.ok, item
-            out = torch.from_numpy(decode_value(ct, item.out).copy())
+        for i, ct in enumerate(cts):
+            out = torch.from_numpy(decode_value(ct, bytes(result.out(i))).copy())
             assert torch.allclose(out, direct[i], atol=1e-5)
         assert set(ray_local.get(actor.memory.remote(), timeout=60)) == {"rss_bytes"}
     finally:

@@ -219,9 +219,14 @@ def test_demo_config() -> None:
 
 
 PUBLIC = {
-    "workers.spec": ["ConfigError", "ModelSpec", "ServeConfig", "load_config"],
+    "workers.spec": ["ConfigError", "ItemSchema", "ModelSpec", "ServeConfig", "load_config"],
     "workers.batching": ["OutputMismatch", "collate", "shape_groups", "split", "to_numpy"],
-    "workers.actor": ["BatchResult", "ItemResult", "ModelLoadError", "ModelWorker"],
+    "workers.actor": ["ModelWorker"],
+    "workers.runtime": ["ModelLoadError", "ModelRuntime"],
+    "workers.datapath": ["Alloc", "BatchInput", "BatchOutput", "ItemResult", "TensorLayout", "batch_of",
+                         "encode_tensor_rows", "new_buffer", "pack", "pack_outputs", "uniform_tensors"],
+    "workers.channel": ["ChannelClient", "ChannelError", "ChannelLost", "ChannelServer", "Segment", "Stage",
+                        "available"],
     "workers.demo": [
         "CNN",
         "MLP",

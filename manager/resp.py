@@ -1,0 +1,102 @@
+"""Pipelines of Redis commands packed as RESP by hand, for the manager's per-request writes.
+
+redis-py's asyncio client packs every command in Python and runs a response callback per
+command; for the hundreds of ``SET``/``XADD`` a batch's results need, that bookkeeping costs
+several times what Redis spends on the commands (``docs/benchmarks.md``, data path). Here a
+batch of commands becomes one list of buffers (large values by reference, never re-encoded)
+written to one pooled connection, and the replies are read back in order. Commands and
+connection errors behave as in redis-py: a reply that is an error is returned in its place
+(the others still count); a lost connection raises ``redis.ConnectionError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis
+import redis.asyncio
+
+__all__ = ["Commands"]
+
+Arg = bytes | bytearray | memoryview | str | int
+_INLINE = 4096  # values up to this size are copied into the command; larger ones are referenced
+
+
+class Commands:
+    """Commands to send in one round trip: ``add`` each, then ``send``."""
+
+    __slots__ = ("_count", "_parts")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes | bytearray | memoryview] = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, *args: Arg) -> None:
+        """Any command; its arguments as bytes (large ones kept by reference), str or int."""
+        parts = self._parts
+        parts.append(b"*%d\r\n" % len(args))
+        for arg in args:
+            value = arg.encode() if isinstance(arg, str) else b"%d" % arg if isinstance(arg, int) else arg
+            parts.append(b"$%d\r\n" % len(value))
+            parts.append(value)
+            parts.append(b"\r\n")
+        self._count += 1
+
+    def mget(self, keys: list[bytes]) -> None:
+        """``MGET key ...``."""
+        parts = [b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)]
+        parts.extend(b"$%d\r\n%s\r\n" % (len(key), key) for key in keys)
+        self._parts.append(b"".join(parts))
+        self._count += 1
+
+    def set_nx_ex(self, key: bytes, value: bytes, ttl_s: int) -> None:
+        """``SET key value NX EX ttl_s``, the result write: one format for a small value."""
+        ttl = b"%d" % ttl_s
+        if len(value) <= _INLINE:
+            self._parts.append(b"*6\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$2\r\nNX\r\n$2\r\nEX\r\n$%d\r\n%s\r\n"
+                               % (len(key), key, len(value), value, len(ttl), ttl))
+        else:
+            self._parts.append(b"*6\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(key), key, len(value)))
+            self._parts.append(value)
+            self._parts.append(b"\r\n$2\r\nNX\r\n$2\r\nEX\r\n$%d\r\n%s\r\n" % (len(ttl), ttl))
+        self._count += 1
+
+    def xadd_notice(self, stream: bytes, maxlen: bytes, request_id: bytes, envelope: bytes | None) -> None:
+        """``XADD stream MAXLEN ~ maxlen * id <id> [r <envelope>]``, a reply-stream notice."""
+        head = (b"*%d\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%s\r\n$1\r\n*\r\n"
+                b"$2\r\nid\r\n$%d\r\n%s\r\n" % (8 if envelope is None else 10, len(stream), stream, len(maxlen),
+                                                maxlen, len(request_id), request_id))
+        if envelope is None:
+            self._parts.append(head)
+        elif len(envelope) <= _INLINE:
+            self._parts.append(head + b"$1\r\nr\r\n$%d\r\n%s\r\n" % (len(envelope), envelope))
+        else:
+            self._parts.append(head + b"$1\r\nr\r\n$%d\r\n" % len(envelope))
+            self._parts.append(envelope)
+            self._parts.append(b"\r\n")
+        self._count += 1
+
+    async def send(self, client: redis.asyncio.Redis) -> list[Any]:
+        """Write every command, read every reply (a ``redis.ResponseError`` in place of an error)."""
+        if not self._count:
+            return []
+        pool = client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(self._parts, check_health=False)
+            replies: list[Any] = []
+            for _ in range(self._count):
+                try:
+                    replies.append(await connection.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except (redis.ConnectionError, redis.TimeoutError, OSError, asyncio.CancelledError):
+            await connection.disconnect()  # half-read replies: the connection cannot be reused
+            raise
+        finally:
+            await pool.release(connection)
