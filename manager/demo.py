@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -40,12 +40,13 @@ START_TIMEOUT_S = 120.0
 
 
 def start_manager(settings: RedisSettings, *args: str, consumer: str = "demo",
-                  env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+                  env: Mapping[str, str] | None = None, log: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
     """Start ``nosq serve`` and wait until its heartbeat says it is running. ``env`` adds to
-    this process's environment (e.g. ``CUDA_VISIBLE_DEVICES`` for one manager per GPU)."""
+    this process's environment (e.g. ``CUDA_VISIBLE_DEVICES`` for one manager per GPU); ``log``
+    receives its standard error (its log) instead of this process's."""
     command = [sys.executable, "-m", "manager.cli", "--redis-url", settings.url, "serve", "--consumer", consumer,
                *args]
-    process = subprocess.Popen(command, start_new_session=True, env={**os.environ, **(env or {})})
+    process = subprocess.Popen(command, start_new_session=True, env={**os.environ, **(env or {})}, stderr=log)
     client = settings.client()
     deadline = time.monotonic() + START_TIMEOUT_S
     try:

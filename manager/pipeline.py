@@ -22,7 +22,7 @@ from manager.metrics import Metrics
 from manager.profiles import latency_model
 from manager.registry import Registry
 from manager.resilience import RedisLink, retrying
-from manager.resp import Commands
+from manager.resp import Commands, read_group
 from manager.results import BatchInfo, Finished, ResultWriter, Successes, error
 from manager.settings import ManagerSettings
 from manager.stats import RollingStats
@@ -131,27 +131,26 @@ class ModelPipeline:
                 await self._room.wait()
                 continue
             try:
-                response = await self._redis.xreadgroup(
-                    keys.GROUP, consumer, {self.stream: ">"}, count=room, block=self._settings.block_ms
-                )
+                entries = await read_group(self._redis, group=keys.GROUP, consumer=consumer, stream=self.stream,
+                                           count=room, block_ms=self._settings.block_ms)
             except redis.ResponseError as exc:
                 if not _stream_gone(exc):
                     raise
                 await self.ensure_group()  # the stream was deleted under us: start it again
                 continue
-            if response:  # admitted even if reading just stopped: the drain serves them
-                await self.admit(response[0][1], deliveries=1)
+            if entries:  # admitted even if reading just stopped: the drain serves them
+                await self.admit(entries, deliveries=1)
 
     async def _recover_own_pending(self) -> None:
         last = "0"
         consumer = self._settings.consumer
         recovered = 0
         while True:
-            response = await self._redis.xreadgroup(keys.GROUP, consumer, {self.stream: last}, count=1000)
-            entries = response[0][1] if response else []
+            entries = await read_group(self._redis, group=keys.GROUP, consumer=consumer, stream=self.stream,
+                                       count=1000, start=last)
             if not entries:
                 break
-            last = entries[-1][0]
+            last = entries[-1][0].decode()
             recovered += len(entries)
             await self.admit_redelivered(entries)
         self.recovered = True

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-__all__ = ["Commands"]
+__all__ = ["Commands", "read_group"]
 
 Arg = bytes | bytearray | memoryview | str | int
 _INLINE = 4096  # values up to this size are copied into the command; larger ones are referenced
@@ -100,3 +100,23 @@ class Commands:
             raise
         finally:
             await pool.release(connection)
+
+
+async def read_group(client: redis.asyncio.Redis, *, group: str, consumer: str, stream: str, count: int,
+                     block_ms: int | None = None, start: str = ">") -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """``XREADGROUP GROUP group consumer COUNT count [BLOCK ms] STREAMS stream start``: the
+    entries as (entry id, fields); an entry deleted while pending has no fields. Errors (NOGROUP)
+    raise ``redis.ResponseError``."""
+    commands = Commands()
+    if block_ms is None:
+        commands.add(b"XREADGROUP", b"GROUP", group, consumer, b"COUNT", count, b"STREAMS", stream, start)
+    else:
+        commands.add(b"XREADGROUP", b"GROUP", group, consumer, b"COUNT", count, b"BLOCK", block_ms, b"STREAMS",
+                     stream, start)
+    (reply,) = await commands.send(client)
+    if isinstance(reply, redis.ResponseError):
+        raise reply
+    if not reply:
+        return []
+    return [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {})
+            for entry_id, flat in reply[0][1]]

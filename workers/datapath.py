@@ -292,9 +292,9 @@ class _Reader:
 def encode_tensor_rows(ct: str, rows: np.ndarray[Any, Any], alloc: Alloc) -> tuple[Bytes, Offsets] | None:
     """Item ``i`` = ``rows[i]`` encoded as a tensor in ``ct``, all items back to back, with their
     offsets: the same bytes ``producer.codec.encode_value`` gives each row. None when the dtype
-    has no wire form (the caller then encodes item by item and reports it)."""
+    has no wire form or the items are numbers (the caller then encodes item by item)."""
     name = rows.dtype.name
-    if name not in DTYPES or rows.ndim < 1:
+    if name not in DTYPES or rows.ndim < 2:  # one number per item travels as a number, not a 0-d tensor
         return None
     n = rows.shape[0]
     little = np.ascontiguousarray(rows.astype(rows.dtype.newbyteorder("<"), copy=False))

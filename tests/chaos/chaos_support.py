@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -33,7 +32,7 @@ from manager.demo import start_manager, stop_manager
 from producer import NosqError, Producer, RedisSettings, keys
 from producer.wire import decode_envelope
 from tests.manager.harness import results
-from tests.procs import descendants, proc_table
+from tests.procs import descendants, reap_ray_of
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/7"  # db 7: the chaos/fuzz tier's own
@@ -189,23 +188,9 @@ def model_workers(manager_pid: int) -> list[int]:
     return [pid for pid, cmd in descendants(manager_pid).items() if cmd.startswith("ray::ModelWorker")]
 
 
-def ray_processes_of(pid: int) -> list[int]:
-    """Live processes of the Ray a driver with ``pid`` started (the session dir names that pid)."""
-    pattern = re.compile(rf"session_\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_{pid}\b")
-    return [p for p, (_, cmd) in proc_table().items() if p != pid and pattern.search(cmd)]
-
-
 def kill_ray_of(pid: int, timeout_s: float = 15.0) -> list[int]:
     """Wait (bounded) for that Ray to go; SIGKILL stragglers; return what was left."""
-    deadline = time.monotonic() + timeout_s
-    left = ray_processes_of(pid)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = ray_processes_of(pid)
-    for straggler in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(straggler, signal.SIGKILL)
-    return left
+    return reap_ray_of(pid, timeout_s)
 
 
 # -- load and accounting ------------------------------------------------------------------------

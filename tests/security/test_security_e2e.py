@@ -7,13 +7,10 @@ CLI's ``--redis-url rediss://...?ssl_ca_certs=...`` reaches a server signed by a
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,27 +19,11 @@ import pytest
 from security_support import ROOT, acl_users, make_certificates, running_redis
 
 from producer import Producer, RedisSettings, RemoteError
+from tests.procs import reap_ray_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 
 START_BOUND_S = 120.0  # Ray and the replica start inside this
-
-
-def ray_processes_of(pid: int) -> list[int]:
-    """Live processes of the Ray a driver with ``pid`` started (its session dir names the pid)."""
-    pattern = re.compile(rf"session_\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_{pid}\b")
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == pid:
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and pattern.search(cmdline):
-            found.append(int(entry.name))
-    return found
 
 
 def stop(process: subprocess.Popen[bytes]) -> int:
@@ -55,12 +36,7 @@ def stop(process: subprocess.Popen[bytes]) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         code = process.wait()
-    deadline = time.monotonic() + 15
-    while ray_processes_of(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)  # Ray's processes exiting: nothing to wait on
-    for straggler in ray_processes_of(process.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(straggler, signal.SIGKILL)
+    reap_ray_of(process.pid)
     return code
 
 
