@@ -2,7 +2,7 @@
 # The GPU runs of issues 5, 7 and 8 in one device call, on a machine with torch but no ray,
 # redis-py or redis-server: wheels from .whl/ (py3.12) and Redis from .debs/ are unpacked under
 # /tmp. Usage (repository root): bash benchmarks/gpu_suite.sh OUTDIR [packing] [scaling] [ceiling]
-# [peers] [peers-serve]. The figures in docs/benchmarks.md came from one device call per group
+# [peers] [peers-serve] [overlap] [datapath]. The figures in docs/benchmarks.md came from one device call per group
 # (packing scaling ceiling; peers; peers-serve), each well inside 10 minutes.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUTDIR [steps...]}; shift
@@ -36,6 +36,13 @@ for step in $steps; do
                      --options '{"d_model": 1024, "nhead": 16, "layers": 256, "seq": 2}' --max-batch 256 \
                      --latency-budget-ms 500 --producers 6 --seconds 10 --redis-server "$redis" \
                      --out "$out/scaling_cuda.json" ;;
+        # one replica through its shared-memory channel, 1 and 2 slots, beside the model (issue 15)
+        overlap) for m in cnn transformer; do python3 -m benchmarks.overlap --model $m --device cuda --batch 64 \
+                     --seconds 4 --out-dir "$out"; done
+                 python3 -m benchmarks.overlap --model noop --device cuda --batch 256 --seconds 4 --out-dir "$out" ;;
+        # the data path against Redis's own ceiling, per item size, CPU us per request (issue 15)
+        datapath) python3 -m benchmarks.datapath --device cuda --redis-server "$redis" --seconds 5 --producers 6 \
+                      --out "$out/datapath_cuda.json" ;;
         # the request path's own ceiling on this machine (no model work): noop, 1 and 2 managers
         ceiling) python3 -m benchmarks.scaling --device cpu --model noop --layouts 1x1,2x1 --producers 6 \
                      --seconds 10 --redis-server "$redis" --out "$out/scaling_noop_gpuhost.json" ;;
