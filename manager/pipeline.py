@@ -22,7 +22,7 @@ from manager.metrics import Metrics
 from manager.profiles import latency_model
 from manager.registry import Registry
 from manager.resilience import RedisLink, retrying
-from manager.resp import Commands, read_group
+from producer.resp import Commands, read_group
 from manager.results import BatchInfo, Finished, ResultWriter, Successes, error
 from manager.settings import ManagerSettings
 from manager.stats import RollingStats

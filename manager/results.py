@@ -17,7 +17,7 @@ import redis
 import redis.asyncio
 
 from manager.resilience import RedisLink, retrying
-from manager.resp import Commands
+from producer.resp import Commands
 from producer import keys
 from producer.wire import PROTOCOL_VERSION, ErrorCode, Request, clip, encode_envelope, now_ms
 

@@ -1,18 +1,20 @@
-"""What the sync and async producers share: handles, submission fields, error translation."""
+"""What the sync and async producers share: handles, the enqueue scripts and how to call them,
+reply notices, error translation."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import redis
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, NoScriptError
 
 from producer import keys
-from producer.codec import encode_value
+from producer.codec import decode_envelope_value, encode_value
 from producer.errors import NosqConnectionError, NosqError, ProtocolError, QueueFull, RemoteError
 from producer.wire import (
     DEFAULT_TTL_S,
@@ -25,20 +27,34 @@ from producer.wire import (
 )
 
 __all__ = [
+    "ENQUEUE_BATCH_LUA",
+    "ENQUEUE_BATCH_SHA",
     "ENQUEUE_CHUNK",
+    "ENQUEUE_CHUNK_BYTES",
     "ENQUEUE_LUA",
     "ENQUEUE_MANY_LUA",
     "REPLY_BLOCK_MS",
     "REPLY_COUNT",
     "SAFETY_CHECK_AFTER_S",
     "Handle",
+    "Head",
+    "Refusal",
+    "Shaper",
     "TensorType",
-    "check_enqueued",
-    "chunks",
+    "enqueue_command",
+    "envelope_of",
+    "is_noscript",
     "new_client_id",
     "new_request_id",
-    "prepare_many",
+    "next_entry_id",
+    "output_of",
+    "plan_calls",
+    "queue_full",
+    "raise_reply_error",
+    "raw_reply",
+    "read_notices",
     "redis_errors",
+    "refusal_of",
     "unwrap",
     "value_of",
 ]
@@ -61,8 +77,9 @@ end
 return {1, redis.call('XADD', KEYS[1], '*', unpack(ARGV))}
 """
 
-#: The batched form the Python producers use: ARGV = k, k shared field/value pairs, then
-#: (id, payload) per request. Accepts what fits under the limit, in order, atomically.
+#: Many requests that share every field but id and payload: ARGV = k, k shared field/value
+#: pairs, then (id, payload) per request. Accepts what fits under the limit, in order,
+#: atomically. (For other clients; the Python producers send ENQUEUE_BATCH_LUA.)
 ENQUEUE_MANY_LUA: Final = """
 local k = tonumber(ARGV[1])
 local first = 2 * k + 2
@@ -83,8 +100,52 @@ for i = 0, room - 1 do
 end
 return {room, depth + room, retry}
 """
-#: requests per script call: bounds how long one call holds Redis
+
+#: What the Python producers send: the requests of many callers of one model in one call, each
+#: with its own deadline. KEYS = the model's request stream and admission hash (both tagged
+#: ``{model}``). ARGV = k, k shared field/value pairs (v, ct, and method/ttl/reply/prio when
+#: set), then per request: id, payload, dl (unix ms; '' = no deadline, no field written).
+#: Accepts what fits under the backlog limit, in order, atomically; returns
+#: {accepted, backlog after, retry_after_ms or nil}: request i (from 0) was enqueued iff
+#: i < accepted.
+ENQUEUE_BATCH_LUA: Final = """
+local k = tonumber(ARGV[1])
+local first = 2 * k + 2
+if (#ARGV - first + 1) % 3 ~= 0 then
+  return redis.error_reply('ERR nosq enqueue: ARGV must be k, k field/value pairs, then id, payload, dl per request')
+end
+local n = (#ARGV - first + 1) / 3
+local room, depth, retry = n, 0, false
+local limit = redis.call('HGET', KEYS[2], 'max_backlog')
+if limit then
+  depth = redis.call('XLEN', KEYS[1])
+  room = math.max(0, math.min(n, tonumber(limit) - depth))
+  if room < n then retry = redis.call('HGET', KEYS[2], 'retry_after_ms') or false end
+end
+local shared = {}
+for j = 2, 2 * k + 1 do shared[#shared + 1] = ARGV[j] end
+local plain = {'id', '', 'p', '', unpack(shared)}
+local timed = {'id', '', 'p', '', 'dl', '', unpack(shared)}
+for i = 0, room - 1 do
+  local at = first + 3 * i
+  local dl = ARGV[at + 2]
+  if dl == '' then
+    plain[2], plain[4] = ARGV[at], ARGV[at + 1]
+    redis.call('XADD', KEYS[1], '*', unpack(plain))
+  else
+    timed[2], timed[4], timed[6] = ARGV[at], ARGV[at + 1], dl
+    redis.call('XADD', KEYS[1], '*', unpack(timed))
+  end
+end
+return {room, depth + room, retry}
+"""
+#: EVALSHA needs no round trip to learn it: SCRIPT LOAD only after a NOSCRIPT error
+ENQUEUE_BATCH_SHA: Final = hashlib.sha1(ENQUEUE_BATCH_LUA.encode()).hexdigest()
+#: requests per script call, and payload bytes per call (at least one request): bounds how long
+#: one call holds Redis
 ENQUEUE_CHUNK: Final = 1000
+ENQUEUE_CHUNK_BYTES: Final = 8 << 20
+NO_DEADLINE: Final = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +159,21 @@ class Handle:
     ttl_s: int
 
 
+class Head(NamedTuple):
+    """What the requests of one script call share."""
+
+    key: tuple[str, str | None, int, int]  # model, method, ttl, priority
+    argv: list[Any]  # k, then the k shared field/value pairs
+    ttl_s: int
+
+
+class Refusal(NamedTuple):
+    """Why a script call refused its requests from ``accepted`` on."""
+
+    backlog: int
+    retry_after_s: float | None
+
+
 def new_client_id() -> str:
     return os.urandom(16).hex()
 
@@ -106,72 +182,161 @@ def new_request_id() -> str:
     return os.urandom(16).hex()  # 128 random bits, like a UUID4, four times cheaper
 
 
-def prepare_many(
-    model: str, inputs: Iterable[Any], *, ct: str, reply: str | None, method: str | None,
-    timeout_s: float | None, deadline_ms: int | None, ttl_s: int | None,
-    request_ids: Sequence[str] | None, priority: int,
-) -> tuple[list[Handle], list[str], list[Any]]:
-    """Validate requests that share their options; return handles, script keys and argv for
-    :data:`ENQUEUE_MANY_LUA` (the shared fields once, then each request's id and payload)."""
-    if not MODEL_ID_RE.fullmatch(model):
-        raise ProtocolError(f"model id {model!r} must match {MODEL_ID_RE.pattern}")
-    if timeout_s is not None and deadline_ms is not None:
-        raise ProtocolError("give either timeout_s or deadline_ms, not both")
-    if timeout_s is not None:
-        if timeout_s <= 0:
-            raise ProtocolError(f"timeout_s must be > 0, got {timeout_s}")
-        deadline_ms = now_ms() + int(timeout_s * 1000)
-    ttl = DEFAULT_TTL_S if ttl_s is None else ttl_s
-    payloads = [encode_value(ct, item) for item in inputs]
-    if request_ids is not None and len(request_ids) != len(payloads):
-        raise ProtocolError(f"{len(request_ids)} request ids for {len(payloads)} inputs")
-    ids = list(request_ids) if request_ids is not None else [new_request_id() for _ in payloads]
-    shared = request_fields(
-        request_id=ids[0] if ids else "x", ct=ct, payload=b"", method=method, deadline_ms=deadline_ms,
-        ttl_s=ttl, reply=reply, priority=priority,
-    )
-    del shared["id"], shared["p"]
-    argv: list[Any] = [len(shared)]
-    for name, value in shared.items():
-        argv.extend((name, value))
-    for rid, payload in zip(ids, payloads, strict=True):
-        if not REQUEST_ID_RE.fullmatch(rid):
-            raise ProtocolError(f"request id {rid!r} must match {REQUEST_ID_RE.pattern}")
-        argv.extend((rid, payload))
-    handles = [Handle(id=rid, model=model, ct=ct, deadline_ms=deadline_ms, ttl_s=ttl) for rid in ids]
-    return handles, [keys.requests(model), keys.admission(model)], argv
+class Shaper:
+    """Validates submit arguments and builds the enqueue script's arguments; what repeats from
+    call to call (a model id, the shared fields of one set of options) is checked once."""
+
+    def __init__(self, ct: str, reply: str | None) -> None:
+        self.ct = ct
+        self.reply = reply
+        self._models: set[str] = set()
+        self._heads: dict[tuple[str, str | None, int, int], Head] = {}
+
+    def head(self, model: str, method: str | None, ttl_s: int | None, priority: int) -> Head:
+        ttl = DEFAULT_TTL_S if ttl_s is None else ttl_s
+        key = (model, method, ttl, priority)
+        if type(ttl) is int and type(priority) is int:  # True == 1 must not hit 1's entry
+            head = self._heads.get(key)
+            if head is not None:
+                return head
+        if model not in self._models and not MODEL_ID_RE.fullmatch(model):
+            raise ProtocolError(f"model id {model!r} must match {MODEL_ID_RE.pattern}")
+        shared = request_fields(request_id="x", ct=self.ct, payload=b"", method=method, ttl_s=ttl,
+                                reply=self.reply, priority=priority)
+        del shared["id"], shared["p"]
+        argv: list[Any] = [len(shared)]
+        for name, value in shared.items():
+            argv.extend((name.encode(), value if isinstance(value, bytes) else str(value).encode()))
+        head = Head(key, argv, ttl)
+        if len(self._heads) < 1024:
+            self._models.add(model)
+            self._heads[key] = head
+        return head
+
+    @staticmethod
+    def deadline(timeout_s: float | None, deadline_ms: int | None) -> int | None:
+        if timeout_s is not None:
+            if deadline_ms is not None:
+                raise ProtocolError("give either timeout_s or deadline_ms, not both")
+            if not timeout_s > 0:
+                raise ProtocolError(f"timeout_s must be > 0, got {timeout_s}")
+            return now_ms() + int(timeout_s * 1000)
+        if deadline_ms is not None and (type(deadline_ms) is not int or deadline_ms < 0):
+            raise ProtocolError(f"deadline {deadline_ms!r} must be unix milliseconds (an int >= 0)")
+        return deadline_ms
+
+    def requests(
+        self, head: Head, inputs: Iterable[Any], deadline_ms: int | None, request_ids: Sequence[str] | None,
+    ) -> tuple[list[Handle], list[Any]]:
+        """Handles and the per-request script arguments (id, payload, dl) of requests that share
+        their options."""
+        ct = self.ct
+        payloads = [encode_value(ct, item) for item in inputs]
+        if request_ids is None:
+            ids = [new_request_id() for _ in payloads]
+        else:
+            if len(request_ids) != len(payloads):
+                raise ProtocolError(f"{len(request_ids)} request ids for {len(payloads)} inputs")
+            ids = list(request_ids)
+            for rid in ids:
+                if not isinstance(rid, str) or not REQUEST_ID_RE.fullmatch(rid):
+                    raise ProtocolError(f"request id {rid!r} must match {REQUEST_ID_RE.pattern}")
+        dl = NO_DEADLINE if deadline_ms is None else b"%d" % deadline_ms
+        model, ttl = head.key[0], head.ttl_s
+        handles = [Handle(rid, model, ct, deadline_ms, ttl) for rid in ids]
+        body: list[Any] = []
+        for rid, payload in zip(ids, payloads, strict=True):
+            body += (rid, payload, dl)
+        return handles, body
 
 
-def chunks(handles: list[Handle], argv: list[Any]) -> list[tuple[list[Handle], list[Any]]]:
-    """Split one prepared submission into script calls of at most ENQUEUE_CHUNK requests."""
-    head = argv[: 1 + 2 * int(argv[0])]
-    body = argv[len(head):]
-    return [
-        (handles[i : i + ENQUEUE_CHUNK], head + body[2 * i : 2 * (i + ENQUEUE_CHUNK)])
-        for i in range(0, len(handles), ENQUEUE_CHUNK)
-    ]
+    def one(self, inputs: Any, deadline_ms: int | None, request_id: str | None) -> tuple[str, Any]:
+        """:meth:`requests` for one request, without a handle: its id and (id, payload, dl)."""
+        payload = encode_value(self.ct, inputs)
+        if request_id is None:
+            rid = os.urandom(16).hex()
+        elif not isinstance(request_id, str) or not REQUEST_ID_RE.fullmatch(request_id):
+            raise ProtocolError(f"request id {request_id!r} must match {REQUEST_ID_RE.pattern}")
+        else:
+            rid = request_id
+        return rid, (rid, payload, NO_DEADLINE if deadline_ms is None else b"%d" % deadline_ms)
 
 
-def check_enqueued(model: str, parts: list[tuple[list[Handle], list[Any]]], replies: list[Any]) -> list[Handle]:
-    """The accepted handles; QueueFull (carrying every accepted one) when some were refused."""
-    accepted: list[Handle] = []
-    refusal: Any = None
-    for (handles, _), reply in zip(parts, replies, strict=True):
-        count = int(reply[0])
-        accepted.extend(handles[:count])
-        if count < len(handles) and refusal is None:
-            refusal = reply
-    if refusal is None:
-        return accepted
-    retry_ms = refusal[2]
-    raise QueueFull(model, int(refusal[1]), int(retry_ms) / 1000 if retry_ms else None, accepted)
+def plan_calls(body: Sequence[Any]) -> list[tuple[int, int]]:
+    """(first, end) request indexes of each script call for ``body`` (3 arguments a request):
+    at most ENQUEUE_CHUNK requests and, past the first, ENQUEUE_CHUNK_BYTES of payload each."""
+    n = len(body) // 3
+    if n <= ENQUEUE_CHUNK and n * 4096 <= ENQUEUE_CHUNK_BYTES:
+        size = sum(len(body[3 * i + 1]) for i in range(n))
+        if size <= ENQUEUE_CHUNK_BYTES:
+            return [(0, n)] if n else []
+    calls: list[tuple[int, int]] = []
+    first, size = 0, 0
+    for i in range(n):
+        payload_size = len(body[3 * i + 1])
+        if i > first and (i - first >= ENQUEUE_CHUNK or size + payload_size > ENQUEUE_CHUNK_BYTES):
+            calls.append((first, i))
+            first, size = i, 0
+        size += payload_size
+    if n > first:
+        calls.append((first, n))
+    return calls
+
+
+def enqueue_command(model: str, head: Head, body: Sequence[Any], first: int, end: int) -> tuple[Any, ...]:
+    """The EVALSHA command of requests ``first``..``end`` of ``body``."""
+    return ("EVALSHA", ENQUEUE_BATCH_SHA, 2, keys.requests(model), keys.admission(model), *head.argv,
+            *body[3 * first : 3 * end])
+
+
+def is_noscript(reply: Any) -> bool:
+    return isinstance(reply, NoScriptError)
+
+
+def refusal_of(reply: Any) -> Refusal:
+    retry_ms = reply[2]
+    return Refusal(int(reply[1]), int(retry_ms) / 1000 if retry_ms else None)
+
+
+def raw_reply(response: Any, **options: Any) -> Any:
+    """A response callback that keeps Redis's reply as it is (set for XREAD: the notices are
+    read straight from the nested lists, not through one dict per entry)."""
+    return response
+
+
+def read_notices(response: Any) -> tuple[bytes | None, list[tuple[str, bytes | None]]]:
+    """The last entry id of a raw XREAD reply of the reply stream, and its notices: (request id,
+    envelope), the envelope None for an id-only notice (the result key holds it)."""
+    if not response:
+        return None, []
+    entries = response[0][1] if isinstance(response, list) else next(iter(response.values()))  # RESP2, RESP3
+    notices: list[tuple[str, bytes | None]] = []
+    for _, fields in entries:
+        if fields and len(fields) == 4 and fields[0] == b"id" and fields[2] == b"r":  # what managers write
+            notices.append((fields[1].decode(), fields[3]))
+            continue
+        found = dict(zip(fields[::2], fields[1::2], strict=False)) if fields else {}
+        rid = found.get(b"id")
+        if rid is not None:
+            notices.append((rid.decode(), found.get(b"r")))
+    return entries[-1][0] if entries else None, notices
+
+
+def next_entry_id(entry_id: bytes) -> bytes:
+    """The smallest stream id after ``entry_id``: ``XTRIM MINID`` to it drops that entry too."""
+    ms, _, seq = entry_id.partition(b"-")
+    return b"%s-%d" % (ms, int(seq or b"0") + 1)
 
 
 def unwrap(handle: Handle, envelope_bytes: bytes, tensors: TensorType) -> Envelope:
     """Decode a result envelope, converting tensors to torch if asked."""
-    envelope = decode_envelope(handle.ct, envelope_bytes)
-    if envelope.id != handle.id:
-        raise ProtocolError(f"result for {envelope.id!r} arrived for request {handle.id!r}")
+    return envelope_of(handle.id, handle.ct, envelope_bytes, tensors)
+
+
+def envelope_of(request_id: str, ct: str, envelope_bytes: bytes, tensors: TensorType) -> Envelope:
+    envelope = decode_envelope(ct, envelope_bytes)
+    if envelope.id != request_id:
+        raise ProtocolError(f"result for {envelope.id!r} arrived for request {request_id!r}")
     if tensors == "torch" and envelope.ok:
         envelope.out = _to_torch(envelope.out)
     return envelope
@@ -181,6 +346,27 @@ def value_of(handle: Handle, envelope: Envelope) -> Any:
     if not envelope.ok:
         raise RemoteError(handle.id, envelope.code, envelope.message)
     return envelope.out
+
+
+def output_of(request_id: str, ct: str, envelope_bytes: bytes, tensors: TensorType) -> Any:
+    """The output in a result envelope, without building an :class:`Envelope` (infer's path: only
+    ``id``, ``ok``, ``out`` and ``err`` are read); an error envelope raises RemoteError."""
+    obj = decode_envelope_value(ct, envelope_bytes)
+    if type(obj) is not dict or "id" not in obj or "ok" not in obj:
+        raise ProtocolError(f"result is not a v1 envelope: {envelope_bytes[:80]!r}")
+    if obj["id"] != request_id:
+        raise ProtocolError(f"result for {obj['id']!r} arrived for request {request_id!r}")
+    if obj["ok"]:
+        out = obj.get("out")
+        return _to_torch(out) if tensors == "torch" else out
+    err = obj.get("err") or {}
+    if not isinstance(err, dict):
+        raise ProtocolError(f"result envelope has a malformed err: {envelope_bytes[:80]!r}")
+    raise RemoteError(request_id, str(err.get("code", "")), str(err.get("message", "")))
+
+
+def queue_full(model: str, refusal: Refusal, accepted: list[Handle] | None = None) -> QueueFull:
+    return QueueFull(model, refusal.backlog, refusal.retry_after_s, accepted)
 
 
 def _to_torch(value: Any) -> Any:
@@ -210,6 +396,12 @@ def redis_errors(where: str) -> Iterator[None]:
                         "(see docs/operations.md, Security)") from exc
     except redis.RedisError as exc:
         raise NosqError(f"{where}: Redis answered an error: {_reason(exc)}") from exc
+
+
+def raise_reply_error(reply: Any) -> None:
+    """A pipeline run with ``raise_on_error=False`` returns errors as values: raise one."""
+    if isinstance(reply, Exception):
+        raise reply
 
 
 def _reason(exc: BaseException) -> str:

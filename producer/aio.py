@@ -1,4 +1,19 @@
-"""The asyncio producer: one reply stream and one reader task resolve every wait."""
+"""The asyncio producer: submits coalesced per event-loop turn, one reply stream and one reader
+task resolve every wait.
+
+Hot path, for N concurrent ``infer`` calls from one process:
+
+* **Coalescing.** A submit only queues its requests (id, payload, own deadline) by model and
+  shared options; the first one in an event-loop turn schedules a flush, which sends all of
+  them in one ``EVALSHA`` of :data:`~producer._common.ENQUEUE_BATCH_LUA` per model (several
+  models or chunks: one pipeline). The script answers how many it accepted, in order; every
+  caller learns its own outcome (``QueueFull`` for a refused one only).
+* **One future per wait**, resolved directly by the reader; timeouts are one timer per 10 ms
+  slot (not one ``wait_for`` + ``shield`` per wait). ``infer`` does not wait for the enqueue
+  acknowledgement at all: a refusal or an error is set on the same future it waits on.
+* **Reads** of the reply stream carry the previous read's ``XTRIM`` and the ``MGET`` of the
+  id-only notices in the same round trip.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +21,38 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import redis.asyncio
 
 from producer import keys
 from producer._common import (
-    ENQUEUE_MANY_LUA,
+    ENQUEUE_BATCH_LUA,
     REPLY_BLOCK_MS,
     REPLY_COUNT,
     SAFETY_CHECK_AFTER_S,
     Handle,
+    Head,
+    Refusal,
+    Shaper,
     TensorType,
-    check_enqueued,
-    chunks,
+    enqueue_command,
+    is_noscript,
     new_client_id,
-    prepare_many,
+    next_entry_id,
+    output_of,
+    plan_calls,
+    queue_full,
+    raise_reply_error,
+    raw_reply,
+    read_notices,
     redis_errors,
+    refusal_of,
     unwrap,
     value_of,
 )
-from producer.errors import NosqError, NosqTimeout, QueueFull
+from producer.errors import NosqError, NosqTimeout
+from producer.resp import Commands
 from producer.settings import RedisSettings
 from producer.wire import Envelope
 
@@ -34,6 +60,78 @@ __all__ = ["AsyncProducer"]
 
 log = logging.getLogger(__name__)
 RECONNECT_DELAY_S = 0.5
+TIMER_SLOTS_PER_S: Final = 100  # waits time out at most 10 ms late
+
+
+class _Waiter:
+    """One submitted request: the futures of the calls awaiting it (nearly always one), or its
+    envelope when it came before anyone awaited it."""
+
+    __slots__ = ("data", "future", "more", "since")
+
+    def __init__(self, since: float, future: asyncio.Future[bytes] | None = None) -> None:
+        self.since = since
+        self.future = future  # the first awaiting call's
+        self.more: list[asyncio.Future[bytes]] | None = None  # calls awaiting the same id at once
+        self.data: bytes | None = None
+
+    def add(self, future: asyncio.Future[bytes]) -> None:
+        if self.future is None:
+            self.future = future
+        elif self.more is None:
+            self.more = [future]
+        else:
+            self.more.append(future)
+
+    def discard(self, future: asyncio.Future[bytes]) -> None:
+        if self.future is future:
+            self.future = self.more.pop(0) if self.more else None
+        elif self.more and future in self.more:
+            self.more.remove(future)
+
+    def futures(self) -> list[asyncio.Future[bytes]]:
+        return ([] if self.future is None else [self.future]) + (self.more or [])
+
+
+class _TimedOut(Exception):
+    """Set by a timer on the future of a wait that ran out; the wait raises NosqTimeout."""
+
+
+class _Submission:
+    """The enqueue outcome of one submit/submit_many call's requests."""
+
+    __slots__ = ("accepted", "future", "left", "refusal")
+
+    def __init__(self, future: asyncio.Future[None], n: int) -> None:
+        self.future = future
+        self.left = n
+        self.accepted = [False] * n
+        self.refusal: Refusal | None = None
+
+    def report(self, index: int, accepted: bool, refusal: Refusal | None) -> None:
+        if accepted:
+            self.accepted[index] = True
+        elif self.refusal is None:
+            self.refusal = refusal
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(None)
+
+
+#: who learns a request's enqueue outcome: an infer call's result future (only a refusal or an
+#: error is set on it) or (submission, index)
+Sink = asyncio.Future[bytes] | tuple[_Submission, int]
+
+
+class _Group:
+    """Requests of one model and one set of shared options, waiting for the next flush."""
+
+    __slots__ = ("body", "head", "sinks")
+
+    def __init__(self, head: Head) -> None:
+        self.head = head
+        self.body: list[Any] = []  # id, payload, dl per request
+        self.sinks: list[Sink] = []
 
 
 class AsyncProducer:
@@ -52,10 +150,16 @@ class AsyncProducer:
         self._default_timeout_s = default_timeout_s
         self._client_id = new_client_id()
         self._reply = keys.reply(self._client_id)
+        self._shaper = Shaper(content_type, self._client_id)
         self._redis: redis.asyncio.Redis | None = None
-        self._enqueue: Any = None
-        self._waiters: dict[str, tuple[asyncio.Future[bytes], float]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[str, _Waiter] = {}
+        self._pending: dict[tuple[str, str | None, int, int], _Group] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+        self._timers: dict[int, set[asyncio.Future[bytes]]] = {}
+        self._timer_calls: dict[int, asyncio.TimerHandle] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def __aenter__(self) -> AsyncProducer:
         await self.start()
@@ -70,17 +174,28 @@ class AsyncProducer:
         client = self._settings.async_client()
         with redis_errors(f"connecting to {self._settings.describe()}"):
             await client.ping()
+        client.set_response_callback("XREAD", raw_reply)
         self._redis = client
-        self._enqueue = client.register_script(ENQUEUE_MANY_LUA)
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
         self._reader = asyncio.create_task(self._read_replies(), name=f"nosq-replies-{self._client_id}")
         self._reader.add_done_callback(_surface)
 
     async def aclose(self) -> None:
+        if self._pending and self._redis is not None:
+            self._flush()
+        if self._sending:
+            await asyncio.gather(*list(self._sending), return_exceptions=True)
         if self._reader is not None:
+            self._closing = True  # a client that turns the cancellation into an error must not loop on
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
         self._fail_all(NosqError("the producer was closed before the result arrived"))
+        for call in self._timer_calls.values():
+            call.cancel()
+        self._timer_calls.clear()
+        self._timers.clear()
         if self._redis is not None:
             try:
                 await self._redis.delete(self._reply)
@@ -96,11 +211,10 @@ class AsyncProducer:
         deadline_ms: int | None = None, ttl_s: int | None = None, request_id: str | None = None,
         priority: int = 1,
     ) -> Handle:
-        """Enqueue one request; return its handle at once."""
-        handles = await self.submit_many(
-            model, [inputs], method=method, timeout_s=timeout_s, deadline_ms=deadline_ms, ttl_s=ttl_s,
-            request_ids=[request_id] if request_id else None, priority=priority,
-        )
+        """Enqueue one request; return its handle once Redis has it (QueueFull if refused)."""
+        handles = await self._submit(model, (inputs,), method=method, timeout_s=timeout_s, deadline_ms=deadline_ms,
+                                     ttl_s=ttl_s, request_ids=None if request_id is None else (request_id,),
+                                     priority=priority)
         return handles[0]
 
     async def submit_many(
@@ -108,36 +222,10 @@ class AsyncProducer:
         timeout_s: float | None = None, deadline_ms: int | None = None, ttl_s: int | None = None,
         request_ids: Sequence[str] | None = None, priority: int = 1,
     ) -> list[Handle]:
-        """Enqueue many requests that share their options, pipelined; QueueFull carries the
-        handles that were ``accepted`` before the model's backlog limit was reached."""
-        handles, script_keys, argv = prepare_many(
-            model, inputs, ct=self._ct, reply=self._client_id, method=method, timeout_s=timeout_s,
-            deadline_ms=deadline_ms, ttl_s=ttl_s, request_ids=request_ids, priority=priority,
-        )
-        parts = chunks(handles, argv)
-        client = self._client()
-        for handle in handles:
-            self._watch(handle)
-        try:
-            with redis_errors(f"submitting to model {model!r}"):
-                if len(parts) == 1:
-                    replies = [await self._enqueue(keys=script_keys, args=parts[0][1])]
-                else:
-                    async with client.pipeline(transaction=False) as pipe:
-                        for _, part_argv in parts:
-                            await self._enqueue(keys=script_keys, args=part_argv, client=pipe)
-                        replies = await pipe.execute()
-            return check_enqueued(model, parts, replies)
-        except QueueFull as exc:
-            refused = {h.id for h in handles} - {h.id for h in exc.accepted}
-            for handle in handles:
-                if handle.id in refused:
-                    self._forget(handle)
-            raise
-        except BaseException:
-            for handle in handles:
-                self._forget(handle)
-            raise
+        """Enqueue many requests that share their options; QueueFull carries the handles that
+        were ``accepted`` before the model's backlog limit was reached."""
+        return await self._submit(model, inputs, method=method, timeout_s=timeout_s, deadline_ms=deadline_ms,
+                                  ttl_s=ttl_s, request_ids=request_ids, priority=priority)
 
     async def cancel(self, handle: Handle) -> None:
         """Ask the manager not to run the request; it answers ``cancelled`` if it had not run."""
@@ -149,26 +237,63 @@ class AsyncProducer:
     async def outcome(self, handle: Handle, timeout_s: float | None = None) -> Envelope:
         """The full result envelope (``ok``, ``out`` or error, timings, batch)."""
         timeout = self._default_timeout_s if timeout_s is None else timeout_s
-        known = handle.id in self._waiters
-        future = self._watch(handle)
-        if not known:  # a handle from elsewhere, or asked again after a timeout
-            await self._check_result_key(handle)
+        loop = self._started()
+        rid = handle.id
+        waiters = self._waiters
+        if rid not in waiters:  # a handle from elsewhere, or asked again after a timeout
+            waiters[rid] = _Waiter(loop.time())
+            data = await self._get_result(handle)
+            if data is not None:
+                self._resolve(rid, data)
+                self._drop_unawaited(rid)
+                return unwrap(handle, data, self._tensors)
+        waiter = waiters.get(rid)
+        if waiter is None:  # failed (connection lost) while reading the result key
+            waiter = waiters[rid] = _Waiter(loop.time())
+        if waiter.data is not None:
+            del waiters[rid]
+            return unwrap(handle, waiter.data, self._tensors)
+        future: asyncio.Future[bytes] = loop.create_future()
+        waiter.add(future)
+        slot = self._arm(future, timeout)
         try:
-            data = await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            raise NosqTimeout(handle.id, timeout) from None
+            data = await future
+        except _TimedOut:
+            raise NosqTimeout(rid, timeout) from None
         finally:
-            self._forget(handle)  # asked again later, it re-reads the result key
+            self._settle(rid, future, slot)  # asked again later, it re-reads the result key
         return unwrap(handle, data, self._tensors)
 
     async def result(self, handle: Handle, timeout_s: float | None = None) -> Any:
         """The output value; a server-side error raises RemoteError."""
         return value_of(handle, await self.outcome(handle, timeout_s))
 
-    async def infer(self, model: str, inputs: Any, *, timeout_s: float | None = None, **options: Any) -> Any:
+    async def infer(
+        self, model: str, inputs: Any, *, timeout_s: float | None = None, method: str | None = None,
+        ttl_s: int | None = None, request_id: str | None = None, priority: int = 1,
+        deadline_ms: int | None = None,
+    ) -> Any:
         """Submit and wait; ``timeout_s`` is both the request's deadline and the wait."""
-        handle = await self.submit(model, inputs, timeout_s=timeout_s, **options)
-        return await self.result(handle, timeout_s)
+        shaper = self._shaper
+        head = shaper.head(model, method, ttl_s, priority)
+        rid, body = shaper.one(inputs, shaper.deadline(timeout_s, deadline_ms), request_id)
+        loop = self._started()
+        future: asyncio.Future[bytes] = loop.create_future()
+        waiter = self._waiters.get(rid)
+        if waiter is None:
+            self._waiters[rid] = _Waiter(loop.time(), future)
+        else:  # the same id again (a retry): this call waits too
+            waiter.add(future)
+        self._queue_one(head, body, future)
+        wait = self._default_timeout_s if timeout_s is None else timeout_s
+        slot = self._arm(future, wait)
+        try:
+            data = await future
+        except _TimedOut:
+            raise NosqTimeout(rid, wait) from None
+        finally:
+            self._settle(rid, future, slot)
+        return output_of(rid, self._ct, data, self._tensors)
 
     async def gather(self, handles: Sequence[Handle], timeout_s: float | None = None) -> list[Any]:
         """Every output, in order; the first error raises."""
@@ -188,74 +313,254 @@ class AsyncProducer:
             for task in tasks:
                 task.cancel()
 
-    # -- internals --------------------------------------------------------------------------
+    # -- internals: submitting ---------------------------------------------------------------
 
     def _client(self) -> redis.asyncio.Redis:
         if self._redis is None:
             raise NosqError("AsyncProducer is not started: use `async with AsyncProducer(...)`")
         return self._redis
 
-    def _watch(self, handle: Handle) -> asyncio.Future[bytes]:
-        self._client()
-        entry = self._waiters.get(handle.id)
-        if entry is None:
-            entry = (asyncio.get_running_loop().create_future(), time.monotonic())
-            self._waiters[handle.id] = entry
-        return entry[0]
+    def _started(self) -> asyncio.AbstractEventLoop:
+        if self._redis is None or self._loop is None:
+            raise NosqError("AsyncProducer is not started: use `async with AsyncProducer(...)`")
+        return self._loop
 
-    def _forget(self, handle: Handle) -> None:
-        self._waiters.pop(handle.id, None)
+    async def _submit(
+        self, model: str, inputs: Iterable[Any], *, method: str | None, timeout_s: float | None,
+        deadline_ms: int | None, ttl_s: int | None, request_ids: Sequence[str] | None, priority: int,
+    ) -> list[Handle]:
+        shaper = self._shaper
+        head = shaper.head(model, method, ttl_s, priority)
+        handles, body = shaper.requests(head, inputs, shaper.deadline(timeout_s, deadline_ms), request_ids)
+        loop = self._started()
+        if not handles:
+            return handles
+        submission = _Submission(loop.create_future(), len(handles))
+        since = loop.time()
+        waiters = self._waiters
+        for handle in handles:  # before the send: a result may come before the acknowledgement
+            if handle.id not in waiters:
+                waiters[handle.id] = _Waiter(since)
+        self._queue(head, body, [(submission, i) for i in range(len(handles))])
+        try:
+            await submission.future
+        except BaseException:
+            for handle in handles:
+                self._drop_unawaited(handle.id)
+            raise
+        if submission.refusal is None:
+            return handles
+        accepted = []
+        for handle, ok in zip(handles, submission.accepted, strict=True):
+            if ok:
+                accepted.append(handle)
+            else:
+                self._drop_unawaited(handle.id)
+        raise queue_full(model, submission.refusal, accepted)
+
+    def _queue(self, head: Head, body: Iterable[Any], sinks: Iterable[Sink]) -> None:
+        """Add requests to the next flush (scheduled by the first request of a turn)."""
+        group = self._pending.get(head.key)
+        if group is None:
+            if not self._pending:
+                self._started().call_soon(self._flush)
+            group = self._pending[head.key] = _Group(head)
+        group.body += body
+        group.sinks += sinks
+
+    def _queue_one(self, head: Head, body: tuple[Any, ...], sink: asyncio.Future[bytes]) -> None:
+        group = self._pending.get(head.key)
+        if group is None:
+            if not self._pending:
+                self._started().call_soon(self._flush)
+            group = self._pending[head.key] = _Group(head)
+        group.body += body
+        group.sinks.append(sink)
+
+    def _flush(self) -> None:
+        groups = list(self._pending.values())
+        self._pending = {}
+        if groups:
+            task = self._started().create_task(self._send(groups))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, groups: list[_Group]) -> None:
+        """One round trip for every request queued in one turn; each sink learns its outcome."""
+        calls = [(group, first, end) for group in groups for first, end in plan_calls(group.body)]
+        commands = [enqueue_command(group.head.key[0], group.head, group.body, first, end)
+                    for group, first, end in calls]
+        try:
+            with redis_errors(f"submitting to model {groups[0].head.key[0]!r}"
+                              + (f" and {len(groups) - 1} more" if len(groups) > 1 else "")):
+                replies = await self._run_scripts(commands)
+        except BaseException as exc:
+            error = exc if isinstance(exc, NosqError) else NosqError(f"the submit was interrupted: {exc!r}")
+            for group in groups:
+                for sink in group.sinks:
+                    _fail_sink(sink, error)
+            if not isinstance(exc, NosqError):
+                raise
+            return
+        for (group, first, end), reply in zip(calls, replies, strict=True):
+            accepted = first + int(reply[0])
+            refusal = refusal_of(reply) if accepted < end else None
+            sinks = group.sinks
+            for i in range(first, end):
+                sink = sinks[i]
+                if isinstance(sink, tuple):
+                    sink[0].report(sink[1], i < accepted, refusal)
+                elif i >= accepted and refusal is not None and not sink.done():
+                    sink.set_exception(queue_full(group.head.key[0], refusal))
+
+    async def _run_scripts(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """EVALSHA each command; after a NOSCRIPT (a restarted or flushed server), SCRIPT LOAD
+        and send again what was refused (no SCRIPT EXISTS per call)."""
+        replies = await self._execute(commands)
+        missing = [i for i, reply in enumerate(replies) if is_noscript(reply)]
+        if missing:
+            client: Any = self._client()
+            await client.execute_command("SCRIPT", "LOAD", ENQUEUE_BATCH_LUA)
+            again = await self._execute([commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            raise_reply_error(reply)
+        return replies
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send the commands on one pooled connection in one write (packed here: redis-py's
+        packer costs more than twice as much a request) and read their replies (an error reply
+        is returned as its exception)."""
+        batch = Commands()
+        for command in commands:
+            batch.add(*command)
+        return await batch.send(self._client())
+
+    # -- internals: waiting ------------------------------------------------------------------
+
+    def _arm(self, future: asyncio.Future[bytes], timeout_s: float) -> int:
+        """_TimedOut on ``future`` after ``timeout_s``: one timer per 10 ms slot, not one per wait."""
+        loop = self._started()
+        slot = int((loop.time() + timeout_s) * TIMER_SLOTS_PER_S) + 1
+        bucket = self._timers.get(slot)
+        if bucket is None:
+            bucket = self._timers[slot] = set()
+            self._timer_calls[slot] = loop.call_at(slot / TIMER_SLOTS_PER_S, self._expire, slot)
+        bucket.add(future)
+        return slot
+
+    def _expire(self, slot: int) -> None:
+        self._timer_calls.pop(slot, None)
+        for future in self._timers.pop(slot, ()):
+            if not future.done():
+                future.set_exception(_TimedOut)
+
+    def _settle(self, rid: str, future: asyncio.Future[bytes], slot: int) -> None:
+        """A wait is over: drop its timer and, when nobody else waits, the request's waiter."""
+        bucket = self._timers.get(slot)
+        if bucket is not None:
+            bucket.discard(future)
+        waiter = self._waiters.get(rid)
+        if waiter is not None:
+            waiter.discard(future)
+            if waiter.future is None:
+                del self._waiters[rid]
+
+    def _drop_unawaited(self, rid: str) -> None:
+        waiter = self._waiters.get(rid)
+        if waiter is not None and waiter.future is None:
+            del self._waiters[rid]
 
     @staticmethod
     def _by_id(handles: Sequence[Handle], request_id: str) -> Handle:
         return next(h for h in handles if h.id == request_id)
 
-    async def _check_result_key(self, handle: Handle) -> None:
-        with redis_errors(f"reading the result of {handle.id!r}"):
-            data = await self._client().get(keys.result(handle.id))
-        if data is not None:
-            self._resolve(handle.id, data)
+    async def _get_result(self, handle: Handle) -> bytes | None:
+        try:
+            with redis_errors(f"reading the result of {handle.id!r}"):
+                data: bytes | None = await self._client().get(keys.result(handle.id))
+        except BaseException:
+            self._drop_unawaited(handle.id)
+            raise
+        return data
 
     def _resolve(self, request_id: str, data: bytes) -> None:
-        entry = self._waiters.get(request_id)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(data)
+        waiter = self._waiters.get(request_id)
+        if waiter is None:
+            return
+        future = waiter.future
+        if future is None:
+            waiter.data = data
+            return
+        del self._waiters[request_id]
+        if not future.done():
+            future.set_result(data)
+        for other in waiter.more or ():
+            if not other.done():
+                other.set_result(data)
 
     async def _read_replies(self) -> None:
         client = self._client()
         last_id = b"0-0"
+        trim_to: bytes | None = None  # the previous read's XTRIM, sent with the next read
+        fetch: list[str] = []  # id-only notices: MGET their result keys with the next read
         last_check = time.monotonic()
-        while True:
+        while not self._closing:
             try:
                 with redis_errors("reading replies"):
-                    response = await client.xread(
-                        {self._reply: last_id}, count=REPLY_COUNT, block=REPLY_BLOCK_MS
-                    )
-                    for entry_id, fields in response[0][1] if response else ():
-                        last_id = entry_id
-                        rid, data = fields.get(b"id"), fields.get(b"r")
-                        if rid is not None and data is not None:
-                            self._resolve(rid.decode(), data)
-                    if response:
-                        await client.xtrim(self._reply, minid=last_id)
+                    if trim_to is None and not fetch:
+                        response = await client.xread({self._reply: last_id}, count=REPLY_COUNT,
+                                                      block=REPLY_BLOCK_MS)
+                    else:
+                        async with client.pipeline(transaction=False) as pipe:
+                            if trim_to is not None:
+                                pipe.xtrim(self._reply, minid=trim_to, approximate=False)
+                            if fetch:
+                                pipe.mget([keys.result(rid) for rid in fetch])
+                            # with results to hand over, the read must not block
+                            pipe.xread({self._reply: last_id}, count=REPLY_COUNT,
+                                       block=None if fetch else REPLY_BLOCK_MS)
+                            replies = await pipe.execute()
+                        trim_to = None
+                        if fetch:
+                            for rid, data in zip(fetch, replies[-2], strict=True):
+                                if data is not None:
+                                    self._resolve(rid, data)
+                            fetch = []
+                        response = replies[-1]
+                    last, notices = read_notices(response)
+                    if last is not None:
+                        last_id = last
+                        trim_to = next_entry_id(last)
+                        waiters = self._waiters
+                        resolve = self._resolve
+                        for rid, data in notices:
+                            if data is not None:
+                                resolve(rid, data)
+                            elif rid in waiters:
+                                fetch.append(rid)
                     if time.monotonic() - last_check >= SAFETY_CHECK_AFTER_S:
                         last_check = time.monotonic()
                         await self._safety_check()
             except NosqError as exc:
+                if self._closing:
+                    return
+                fetch = []
                 self._fail_all(exc)  # callers may ask again: result() re-reads the result key
                 await asyncio.sleep(RECONNECT_DELAY_S)
 
     def _fail_all(self, exc: NosqError) -> None:
-        for future, _ in self._waiters.values():
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # nobody may be waiting: do not log it as unretrieved
-        self._waiters.clear()
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            for future in waiter.futures():
+                if not future.done():
+                    future.set_exception(exc)
 
     async def _safety_check(self) -> None:
         """A completion can be trimmed away by a stalled reader: look at the result keys."""
-        cutoff = time.monotonic() - SAFETY_CHECK_AFTER_S
-        stale = [rid for rid, (f, t) in self._waiters.items() if t < cutoff and not f.done()][:512]
+        cutoff = self._started().time() - SAFETY_CHECK_AFTER_S
+        stale = [rid for rid, w in self._waiters.items() if w.since < cutoff and w.data is None][:512]
         if not stale:
             return
         with redis_errors("reading results"):
@@ -263,6 +568,15 @@ class AsyncProducer:
         for rid, data in zip(stale, values, strict=True):
             if data is not None:
                 self._resolve(rid, data)
+
+
+def _fail_sink(sink: Sink, error: BaseException) -> None:
+    if isinstance(sink, tuple):
+        future: asyncio.Future[Any] = sink[0].future
+    else:
+        future = sink
+    if not future.done():
+        future.set_exception(error)
 
 
 def _surface(task: asyncio.Task[None]) -> None:

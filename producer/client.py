@@ -12,21 +12,30 @@ import redis
 
 from producer import keys
 from producer._common import (
-    ENQUEUE_MANY_LUA,
+    ENQUEUE_BATCH_LUA,
     REPLY_BLOCK_MS,
     REPLY_COUNT,
     SAFETY_CHECK_AFTER_S,
     Handle,
+    Refusal,
+    Shaper,
     TensorType,
-    check_enqueued,
-    chunks,
+    enqueue_command,
+    is_noscript,
     new_client_id,
-    prepare_many,
+    next_entry_id,
+    plan_calls,
+    queue_full,
+    raise_reply_error,
+    raw_reply,
+    read_notices,
     redis_errors,
+    refusal_of,
     unwrap,
     value_of,
 )
 from producer.errors import NosqError, NosqTimeout
+from producer.resp import Commands
 from producer.settings import RedisSettings
 from producer.wire import Envelope
 
@@ -49,11 +58,13 @@ class Producer:
         self._default_timeout_s = default_timeout_s
         self._client_id = new_client_id()
         self._reply = keys.reply(self._client_id)
+        self._shaper = Shaper(content_type, self._client_id)
         self._redis: redis.Redis | None = None
-        self._enqueue: Any = None
         self._arrived: dict[str, bytes] = {}  # results read but not yet claimed
         self._mine: set[str] = set()  # ids submitted here whose results were not yet claimed
         self._last_id = b"0-0"
+        self._trim_to: bytes | None = None  # the last read's XTRIM, sent with the next read
+        self._fetch: list[str] = []  # id-only notices: MGET their result keys with the next read
         self._lock = threading.Lock()
 
     def __enter__(self) -> Producer:
@@ -69,8 +80,8 @@ class Producer:
         client = self._settings.client()
         with redis_errors(f"connecting to {self._settings.describe()}"):
             client.ping()
+        client.set_response_callback("XREAD", raw_reply)
         self._redis = client
-        self._enqueue = client.register_script(ENQUEUE_MANY_LUA)
 
     def close(self) -> None:
         if self._redis is None:
@@ -98,19 +109,51 @@ class Producer:
     ) -> list[Handle]:
         """Enqueue many requests that share their options, pipelined; QueueFull carries the
         handles that were ``accepted`` before the model's backlog limit was reached."""
-        handles, script_keys, argv = prepare_many(
-            model, inputs, ct=self._ct, reply=self._client_id, method=method, timeout_s=timeout_s,
-            deadline_ms=deadline_ms, ttl_s=ttl_s, request_ids=request_ids, priority=priority,
-        )
-        parts = chunks(handles, argv)
+        shaper = self._shaper
+        head = shaper.head(model, method, ttl_s, priority)
+        handles, body = shaper.requests(head, inputs, shaper.deadline(timeout_s, deadline_ms), request_ids)
+        calls = plan_calls(body)
+        if not calls:
+            return handles
+        commands = [enqueue_command(model, head, body, first, end) for first, end in calls]
         with redis_errors(f"submitting to model {model!r}"):
-            pipe = self._client().pipeline(transaction=False)
-            for _, part_argv in parts:
-                self._enqueue(keys=script_keys, args=part_argv, client=pipe)
-            replies = pipe.execute()
+            replies = self._run_scripts(commands)
+        accepted: list[Handle] = []
+        refusal: Refusal | None = None
+        for (first, end), reply in zip(calls, replies, strict=True):
+            count = int(reply[0])
+            accepted += handles[first : first + count]
+            if first + count < end and refusal is None:
+                refusal = refusal_of(reply)
         with self._lock:
-            self._mine.update(h.id for h in handles)
-        return check_enqueued(model, parts, replies)
+            self._mine.update(h.id for h in accepted)
+        if refusal is not None:
+            raise queue_full(model, refusal, accepted)
+        return handles
+
+    def _run_scripts(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """EVALSHA each command; after a NOSCRIPT (a restarted or flushed server), SCRIPT LOAD
+        and send again what was refused (no SCRIPT EXISTS per call)."""
+        replies = self._execute(commands)
+        missing = [i for i, reply in enumerate(replies) if is_noscript(reply)]
+        if missing:
+            client: Any = self._client()
+            client.execute_command("SCRIPT", "LOAD", ENQUEUE_BATCH_LUA)
+            again = self._execute([commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            raise_reply_error(reply)
+        return replies
+
+    def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send the commands on one pooled connection in one write (packed here: redis-py's
+        packer, hiredis's included, costs more a request) and read their replies (an error
+        reply is returned as its exception)."""
+        batch = Commands()
+        for command in commands:
+            batch.add(*command)
+        return batch.send_blocking(self._client())
 
     def cancel(self, handle: Handle) -> None:
         """Ask the manager not to run the request; it answers ``cancelled`` if it had not run."""
@@ -181,15 +224,33 @@ class Producer:
             if not wanted.isdisjoint(self._arrived):
                 return  # another thread read it while this one waited for the lock
             client = self._client()
-            response: Any = client.xread({self._reply: self._last_id}, count=REPLY_COUNT, block=block_ms)
-            if not response:
+            fetch, trim_to = self._fetch, self._trim_to
+            if trim_to is None and not fetch:
+                response: Any = client.xread({self._reply: self._last_id}, count=REPLY_COUNT, block=block_ms)
+            else:
+                pipe = client.pipeline(transaction=False)
+                if trim_to is not None:
+                    pipe.xtrim(self._reply, minid=trim_to, approximate=False)
+                if fetch:
+                    pipe.mget([keys.result(rid) for rid in fetch])
+                # with results to hand over, the read must not block
+                pipe.xread({self._reply: self._last_id}, count=REPLY_COUNT, block=None if fetch else block_ms)
+                replies = pipe.execute()
+                self._trim_to, self._fetch = None, []
+                for rid, data in zip(fetch, replies[-2] if fetch else (), strict=True):
+                    if data is not None:
+                        self._arrived[rid] = data
+                response = replies[-1]
+            last, notices = read_notices(response)
+            if last is None:
                 return
-            for entry_id, fields in response[0][1]:
-                self._last_id = entry_id
-                rid, data = fields.get(b"id"), fields.get(b"r")
-                if rid is not None and data is not None:
-                    self._arrived[rid.decode()] = data
-            client.xtrim(self._reply, minid=self._last_id)
+            self._last_id = last
+            self._trim_to = next_entry_id(last)
+            for rid, data in notices:
+                if data is not None:
+                    self._arrived[rid] = data
+                elif rid in self._mine:
+                    self._fetch.append(rid)
 
     def _client(self) -> redis.Redis:
         if self._redis is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -27,7 +28,7 @@ try:  # numpy is optional for a producer
 except ImportError:  # pragma: no cover - exercised in the no-numpy install check
     np = None  # type: ignore[assignment]
 
-__all__ = ["CONTENT_TYPES", "DTYPES", "RawTensor", "decode_value", "encode_value"]
+__all__ = ["CONTENT_TYPES", "DTYPES", "RawTensor", "decode_envelope_value", "decode_value", "encode_value"]
 
 CONTENT_TYPES: Final = ("msgpack", "json")
 #: dtype name on the wire -> bytes per element
@@ -50,6 +51,11 @@ DTYPES: Final[dict[str, int]] = {
 MAX_DIMS: Final = 32
 _MSGPACK_KEYS: Final = frozenset(("dtype", "shape", "data"))
 _JSON_KEYS: Final = frozenset(("dtype", "shape", "b64"))
+#: little-endian numpy dtype -> wire name (the arrays that go out without a copy), and back
+_WIRE_NAMES: Final[dict[Any, str]] = {} if np is None else {np.dtype(n).newbyteorder("<"): n for n in DTYPES}
+_NUMPY_DTYPES: Final[dict[str, Any]] = {} if np is None else {n: d for d, n in _WIRE_NAMES.items()}
+_TENSOR_HEADS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_local = threading.local()  # one msgpack Packer per thread (a Packer is not thread-safe)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +71,14 @@ def encode_value(ct: str, value: Any) -> bytes:
     """Encode one value (inputs or outputs) in content type ``ct``."""
     try:
         if ct == "msgpack":
-            return msgpack.packb(value, default=_msgpack_default, use_bin_type=True)  # type: ignore[no-any-return]
+            if np is not None and type(value) is np.ndarray:
+                head = _tensor_head(value)
+                if head is not None:  # one copy of the array's bytes, straight into the result
+                    return b"".join((head, value.data))
+            packer = getattr(_local, "packer", None)
+            if packer is None:
+                packer = _local.packer = msgpack.Packer(default=_msgpack_default, use_bin_type=True)
+            return packer.pack(value)  # type: ignore[no-any-return]
         if ct == "json":
             return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False).encode()
     except ProtocolError:
@@ -79,11 +92,11 @@ def decode_value(ct: str, data: bytes) -> Any:
     """Decode one value; malformed bytes raise :class:`ProtocolError`, never anything else."""
     try:
         if ct == "msgpack":
-            value = msgpack.unpackb(
-                data, raw=False, object_hook=_msgpack_hook, list_hook=_msgpack_list_hook,
-                ext_hook=_reject_ext, strict_map_key=True,
-            )
-            if isinstance(value, msgpack.Timestamp):
+            value = msgpack.unpackb(data, raw=False, ext_hook=_reject_ext, strict_map_key=True)
+            kind = type(value)
+            if kind is dict or kind is list:
+                return _walk_msgpack(value)
+            if kind is msgpack.Timestamp:
                 raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
             return value
         if ct == "json":  # RFC 8259: no NaN/Infinity literals, no number beyond float64
@@ -94,6 +107,44 @@ def decode_value(ct: str, data: bytes) -> Any:
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"payload is not valid {ct}: {exc}") from exc
     raise ProtocolError(f"unknown content type {ct!r}: use one of {', '.join(CONTENT_TYPES)}")
+
+
+def decode_envelope_value(ct: str, data: bytes) -> Any:
+    """:func:`decode_value` for a result envelope: in msgpack, only ``out`` is searched for
+    tensors (the other fields are metadata, checked only for timestamps): cheaper per result."""
+    if ct != "msgpack":
+        return decode_value(ct, data)
+    try:
+        value = msgpack.unpackb(data, raw=False, ext_hook=_reject_ext, strict_map_key=True)
+        if type(value) is not dict:
+            return _walk_msgpack(value) if type(value) is list else _refuse_timestamp(value)
+        for key, item in value.items():
+            kind = type(item)
+            if kind is dict or kind is list:
+                if key == "out":
+                    walked = _walk_msgpack(item)
+                    if walked is not item:
+                        value[key] = walked
+                else:
+                    for inner in item.values() if kind is dict else item:
+                        inner_kind = type(inner)
+                        if inner_kind is dict or inner_kind is list:
+                            _walk_msgpack(inner)
+                        elif inner_kind is msgpack.Timestamp:
+                            raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
+            elif kind is msgpack.Timestamp:
+                raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
+        return value
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"payload is not valid {ct}: {exc}") from exc
+
+
+def _refuse_timestamp(value: Any) -> Any:
+    if type(value) is msgpack.Timestamp:
+        raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
+    return value
 
 
 def tensor_parts(value: Any) -> tuple[str, tuple[int, ...], bytes] | None:
@@ -123,7 +174,33 @@ def _numpy_parts(array: Any) -> tuple[str, tuple[int, ...], bytes]:
     return name, tuple(int(d) for d in array.shape), np.ascontiguousarray(little).tobytes()
 
 
+def _tensor_head(array: Any) -> bytes | None:
+    """The msgpack bytes of a plain C-contiguous little-endian array's tensor map up to its data
+    (cached by dtype and shape); None for any other array."""
+    name = _WIRE_NAMES.get(array.dtype)
+    if name is None or not array.flags.c_contiguous:
+        return None
+    key = (name, array.shape)
+    head = _TENSOR_HEADS.get(key)
+    if head is None:
+        head = msgpack.packb({"dtype": name, "shape": list(array.shape), "data": b""}, use_bin_type=True)[:-2]
+        if len(_TENSOR_HEADS) < 4096:
+            _TENSOR_HEADS[key] = head
+    size: int = array.nbytes
+    if size < 1 << 8:
+        return head + bytes((0xC4, size))
+    if size < 1 << 16:
+        return head + b"\xc5" + size.to_bytes(2, "big")
+    if size < 1 << 32:
+        return head + b"\xc6" + size.to_bytes(4, "big")
+    return None  # msgpack cannot carry it: the packer says so
+
+
 def _msgpack_default(value: Any) -> Any:
+    if np is not None and type(value) is np.ndarray:
+        name = _WIRE_NAMES.get(value.dtype)
+        if name is not None and value.flags.c_contiguous:  # msgpack packs the buffer itself as bin
+            return {"dtype": name, "shape": value.shape, "data": value.data}
     parts = tensor_parts(value)
     if parts is not None:
         return {"dtype": parts[0], "shape": list(parts[1]), "data": parts[2]}
@@ -147,21 +224,33 @@ def _scalar(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not a msgpack/JSON value, array or tensor")
 
 
-def _msgpack_list_hook(items: list[Any]) -> Any:
-    if any(isinstance(item, msgpack.Timestamp) for item in items):
-        raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
-    return items
-
-
-def _msgpack_hook(obj: dict[str, Any]) -> Any:
-    if any(isinstance(v, msgpack.Timestamp) for v in obj.values()):
-        raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
-    if len(obj) == 3 and obj.keys() == _MSGPACK_KEYS:
-        data = obj["data"]
-        if not isinstance(data, bytes):
-            raise ProtocolError("tensor 'data' must be msgpack bin (raw bytes)")
-        return _build_tensor(obj["dtype"], obj["shape"], data)
-    return obj
+def _walk_msgpack(value: Any) -> Any:
+    """Tensor maps become tensors and msgpack timestamps are refused, in one pass over the
+    containers (cheaper than a Python hook per map and per list)."""
+    if type(value) is dict:
+        if len(value) == 3 and value.keys() == _MSGPACK_KEYS:
+            data = value["data"]
+            if not isinstance(data, bytes):
+                raise ProtocolError("tensor 'data' must be msgpack bin (raw bytes)")
+            return _build_tensor(value["dtype"], value["shape"], data)
+        for key, item in value.items():
+            kind = type(item)
+            if kind is dict or kind is list:
+                walked = _walk_msgpack(item)
+                if walked is not item:
+                    value[key] = walked  # replaces a value: the dict keeps its size
+            elif kind is msgpack.Timestamp:
+                raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
+        return value
+    for index, item in enumerate(value):
+        kind = type(item)
+        if kind is dict or kind is list:
+            walked = _walk_msgpack(item)
+            if walked is not item:
+                value[index] = walked
+        elif kind is msgpack.Timestamp:
+            raise ProtocolError("msgpack timestamps (ext -1) are not part of protocol v1")
+    return value
 
 
 def _json_hook(obj: dict[str, Any]) -> Any:
@@ -191,20 +280,22 @@ def _finite_float(text: str) -> float:
 def _build_tensor(dtype: Any, shape: Any, data: bytes) -> Any:
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ProtocolError(f"tensor dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise ProtocolError(f"tensor shape {shape!r} must be a list of at most {MAX_DIMS} ints >= 0")
-    expected = math.prod(shape) * DTYPES[dtype]
+    count = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise ProtocolError(f"tensor shape {shape!r} must be a list of at most {MAX_DIMS} ints >= 0")
+        count *= d
+    expected = count * DTYPES[dtype]
     if len(data) != expected:
         raise ProtocolError(
             f"tensor of dtype {dtype} and shape {shape} needs {expected} bytes, got {len(data)}"
         )
     if np is None:
         return RawTensor(dtype, tuple(shape), data)
-    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    array = np.frombuffer(data, dtype=_NUMPY_DTYPES[dtype])
+    return array if len(shape) == 1 else array.reshape(shape)
 
 
 def _reject_ext(code: int, data: bytes) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import msgpack
 
-from producer.codec import CONTENT_TYPES, decode_value
+from producer.codec import CONTENT_TYPES, decode_envelope_value
 from producer.errors import ProtocolError
 
 __all__ = [
@@ -189,7 +189,7 @@ def parse_request(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Request:
     )
 
 
-def encode_envelope(ct: str, header: dict[str, Any], out: bytes | None = None) -> bytes:
+def encode_envelope(ct: str, header: dict[str, Any], out: bytes | memoryview | None = None) -> bytes:
     """Encode a result envelope; ``out`` is the output value already encoded in ``ct``."""
     if ct == "msgpack":
         packed: bytes = msgpack.packb(header, use_bin_type=True)
@@ -206,7 +206,7 @@ def encode_envelope(ct: str, header: dict[str, Any], out: bytes | None = None) -
 
 def decode_envelope(ct: str, data: bytes) -> Envelope:
     """Decode a result envelope written by a manager."""
-    obj = decode_value(ct, data)
+    obj = decode_envelope_value(ct, data)
     if not isinstance(obj, dict) or "id" not in obj or "ok" not in obj:
         raise ProtocolError(f"result is not a v1 envelope: {data[:80]!r}")
     err, timings, batch = obj.get("err") or {}, obj.get("timings") or {}, obj.get("batch") or {}

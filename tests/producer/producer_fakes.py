@@ -2,7 +2,8 @@
 
 No manager exists in these tests: :class:`FakeManager` reads a model's request stream, parses
 each entry with ``wire.parse_request`` and answers the way ``nosq serve`` does: ``SET res NX
-EX ttl``, ``RPUSH done`` + ``EXPIRE``, and ``XADD`` to the producer's reply stream.
+EX ttl``, ``RPUSH done`` + ``EXPIRE``, and ``XADD`` to the producer's reply stream: the notice
+holds ``id`` and the envelope ``r``, or (an envelope over ``inline_limit`` bytes) ``id`` only.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def echo(request: Request, inputs: Any) -> Any:
     return inputs
 
 
-def result_writes(request_id: str, ttl_s: int, reply: str | None, envelope: bytes) -> list[Command]:
+def result_writes(request_id: str, ttl_s: int, reply: str | None, envelope: bytes,
+                  inline_limit: int | None = None) -> list[Command]:
     """The Redis writes that publish one result, in a manager's order."""
     commands: list[Command] = [
         ("set", (keys.result(request_id), envelope), {"nx": True, "ex": ttl_s}),
@@ -45,16 +47,19 @@ def result_writes(request_id: str, ttl_s: int, reply: str | None, envelope: byte
         ("expire", (keys.done(request_id), ttl_s), {}),
     ]
     if reply is not None:
-        commands.append(("xadd", (keys.reply(reply), {"id": request_id, "r": envelope}), {}))
+        inline = inline_limit is None or len(envelope) <= inline_limit
+        notice = {"id": request_id, "r": envelope} if inline else {"id": request_id}
+        commands.append(("xadd", (keys.reply(reply), notice), {}))
     return commands
 
 
 class FakeManager:
     """Answers every entry of one model's stream with ``handler(request, inputs)``."""
 
-    def __init__(self, model: str = "echo", handler: Handler = echo) -> None:
+    def __init__(self, model: str = "echo", handler: Handler = echo, inline_limit: int | None = None) -> None:
         self.model = model
         self.handler = handler
+        self.inline_limit = inline_limit  # None: every notice carries the envelope
         self.stream = keys.requests(model)
         self.seen: list[Request] = []
         self.fields: dict[str, dict[bytes, bytes]] = {}  # raw entry fields by request id
@@ -67,7 +72,8 @@ class FakeManager:
                 return []
             header = {"v": 1, "id": exc.request_id, "ok": False,
                       "err": {"code": str(exc.code), "message": str(exc)}}
-            return result_writes(exc.request_id, exc.ttl_s, exc.reply, encode_envelope(exc.ct, header))
+            return result_writes(exc.request_id, exc.ttl_s, exc.reply, encode_envelope(exc.ct, header),
+                                 self.inline_limit)
         self.seen.append(request)
         self.fields[request.id] = fields
         header: dict[str, Any] = {
@@ -82,7 +88,8 @@ class FakeManager:
         except Failure as exc:
             header["ok"] = False
             header["err"] = {"code": exc.code, "message": exc.message}
-        return result_writes(request.id, request.ttl_s, request.reply, encode_envelope(request.ct, header, out))
+        return result_writes(request.id, request.ttl_s, request.reply, encode_envelope(request.ct, header, out),
+                             self.inline_limit)
 
     def _plan(self, entries: list[Any], reverse: bool) -> list[Command]:
         commands: list[Command] = []
@@ -141,10 +148,11 @@ class FakeManager:
     async def arunning(self, settings: RedisSettings) -> AsyncIterator[FakeManager]:
         """Serve in a background task until the block exits."""
         client = settings.async_client()
+        stopping = False
 
         async def loop() -> None:
             last: bytes | str = "0-0"
-            while True:
+            while not stopping:  # (a cancelled blocking read may come back as a plain return)
                 response = await client.xread({self.stream: last}, block=50)
                 if response:
                     last = response[0][1][-1][0]
@@ -154,6 +162,7 @@ class FakeManager:
         try:
             yield self
         finally:
+            stopping = True
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -544,23 +544,32 @@ async def test_async_reader_survives_connection_error(settings: RedisSettings, m
     monkeypatch.setattr(producer.aio, "RECONNECT_DELAY_S", 0.01)
     async with AsyncProducer(settings) as p:
         redis_client = p._client()
-        real_xtrim = redis_client.xtrim
+        real_pipeline = redis_client.pipeline
         calls = 0
 
-        async def flaky_xtrim(*args: Any, **kwargs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise redis.ConnectionError("connection dropped")
-            return await real_xtrim(*args, **kwargs)
+        def flaky_pipeline(*args: Any, **kwargs: Any) -> Any:  # the read that carries the XTRIM
+            pipe = real_pipeline(*args, **kwargs)
+            real_execute = pipe.execute
 
-        monkeypatch.setattr(redis_client, "xtrim", flaky_xtrim)
+            async def execute(*a: Any, **k: Any) -> Any:
+                nonlocal calls
+                if any(args[0] == "XREAD" for args, _ in pipe.command_stack):
+                    calls += 1
+                    if calls == 1:
+                        raise redis.ConnectionError("connection dropped")
+                return await real_execute(*a, **k)
+
+            pipe.execute = execute  # type: ignore[method-assign]
+            return pipe
+
+        monkeypatch.setattr(redis_client, "pipeline", flaky_pipeline)
         first = await p.submit("echo", 1)
         await manager.aserve(redis_client)
         assert await p.result(first, timeout_s=5) == 1
         second = await p.submit("echo", 2)
         await manager.aserve(redis_client)
         assert await p.result(second, timeout_s=1) == 2
+    assert calls >= 2  # the failed read was retried
 
 
 async def test_async_safety_check_runs_under_load(settings: RedisSettings, client: redis.Redis,

@@ -1,23 +1,24 @@
-"""Pipelines of Redis commands packed as RESP by hand, for the manager's per-request writes.
+"""Redis commands packed as RESP by hand, for the hot paths of both the producer (its
+coalesced enqueue calls) and the manager (stream reads, result writes).
 
-redis-py's asyncio client packs every command in Python and runs a response callback per
-command; for the hundreds of ``SET``/``XADD`` a batch's results need, that bookkeeping costs
-several times what Redis spends on the commands (``docs/benchmarks.md``, data path). Here a
-batch of commands becomes one list of buffers (large values by reference, never re-encoded)
-written to one pooled connection, and the replies are read back in order. Commands and
-connection errors behave as in redis-py: a reply that is an error is returned in its place
-(the others still count); a lost connection raises ``redis.ConnectionError``.
+redis-py packs every command in Python and runs a response callback per command; for the
+hundreds of commands a batch needs (``SET``/``XADD`` per result, one ``EVALSHA`` with thousands
+of arguments), that bookkeeping costs several times what Redis spends on the commands
+(``docs/benchmarks.md``, data path). Here commands become one list of buffers (large values by
+reference, never re-encoded) written to one pooled connection, and the replies are read back in
+order. Errors behave as in redis-py: a reply that is an error is returned in its place (the
+others still count); a lost connection raises ``redis.ConnectionError`` and the connection is
+dropped (its replies may be half read).
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import redis
 import redis.asyncio
 
-__all__ = ["Commands", "read_group"]
+__all__ = ["Commands", "pack_command", "read_group"]
 
 Arg = bytes | bytearray | memoryview | str | int
 _INLINE = 4096  # values up to this size are copied into the command; larger ones are referenced
@@ -34,6 +35,10 @@ class Commands:
 
     def __len__(self) -> int:
         return self._count
+
+    def packed(self) -> bytes:
+        """Every command added so far, as the bytes that go on the wire."""
+        return b"".join(self._parts)
 
     def add(self, *args: Arg) -> None:
         """Any command; its arguments as bytes (large ones kept by reference), str or int."""
@@ -80,6 +85,30 @@ class Commands:
             self._parts.append(b"\r\n")
         self._count += 1
 
+    def send_blocking(self, client: redis.Redis) -> list[Any]:
+        """``send`` for the synchronous client."""
+        if not self._count:
+            return []
+        pool: Any = client.connection_pool
+        try:
+            connection = pool.get_connection()
+        except TypeError:  # redis-py 5: the command name is required (6 and later deprecate it)
+            connection = pool.get_connection("_")
+        try:
+            connection.send_packed_command(self._parts, check_health=False)
+            replies: list[Any] = []
+            for _ in range(self._count):
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            connection.disconnect()  # replies may be left unread: never reuse it
+            raise
+        finally:
+            pool.release(connection)
+
     async def send(self, client: redis.asyncio.Redis) -> list[Any]:
         """Write every command, read every reply (a ``redis.ResponseError`` in place of an error)."""
         if not self._count:
@@ -95,11 +124,18 @@ class Commands:
                 except redis.ResponseError as exc:
                     replies.append(exc)
             return replies
-        except (redis.ConnectionError, redis.TimeoutError, OSError, asyncio.CancelledError):
-            await connection.disconnect()  # half-read replies: the connection cannot be reused
+        except BaseException:
+            await connection.disconnect()  # replies may be left unread: never reuse it
             raise
         finally:
             await pool.release(connection)
+
+
+def pack_command(*args: Arg) -> bytes:
+    """One command as RESP bytes."""
+    commands = Commands()
+    commands.add(*args)
+    return commands.packed()
 
 
 async def read_group(client: redis.asyncio.Redis, *, group: str, consumer: str, stream: str, count: int,

@@ -1,0 +1,80 @@
+"""Hand-packed command pipelines (producer.resp) against the real Redis: the same effect and
+replies as redis-py's own commands, errors in place, large values by reference."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+import redis.asyncio
+
+from producer.resp import Commands, read_group
+from producer.settings import RedisSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def db(redis_db: RedisSettings) -> AsyncIterator[redis.asyncio.Redis]:
+    """An async client on the producer tests' db of the real Redis (flushed, locked)."""
+    client = redis_db.async_client()
+    yield client
+    await client.aclose()
+
+
+async def test_commands_match_what_redis_py_would_do(db: redis.asyncio.Redis) -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB: sent by reference, not copied into the command
+    commands = Commands()
+    commands.set_nx_ex(b"k:small", b"v1", 60)
+    commands.set_nx_ex(b"k:big", big, 60)
+    commands.set_nx_ex(b"k:small", b"second writer", 60)  # NX: the first writer wins
+    commands.xadd_notice(b"s", b"1000", b"id-1", b"envelope")
+    commands.xadd_notice(b"s", b"1000", b"id-2", None)
+    commands.xadd_notice(b"s", b"1000", b"id-3", big)
+    commands.add(b"RPUSH", "list", b"x", 7)
+    commands.mget([b"k:small", b"k:missing", b"k:big"])
+    commands.add(b"INCR", b"list")  # WRONGTYPE: an error in its place, the rest still counts
+    commands.add(b"EXPIRE", b"list", 30)
+    assert len(commands) == 10
+    replies = await commands.send(db)
+
+    assert replies[:3] == [b"OK", b"OK", None]
+    assert all(isinstance(r, bytes) and b"-" in r for r in replies[3:6])  # stream entry ids
+    assert replies[6] == 2
+    assert replies[7] == [b"v1", None, big]
+    assert isinstance(replies[8], redis.ResponseError) and "WRONGTYPE" in str(replies[8])
+    assert replies[9] == 1
+    notices = await db.xrange("s")
+    assert [fields for _, fields in notices] == [{b"id": b"id-1", b"r": b"envelope"}, {b"id": b"id-2"},
+                                                 {b"id": b"id-3", b"r": big}]
+    assert await db.lrange("list", 0, -1) == [b"x", b"7"]
+    assert 0 < await db.ttl("k:big") <= 60
+
+
+async def test_read_group_returns_entries_and_raises_on_a_missing_group(db: redis.asyncio.Redis) -> None:
+    with pytest.raises(redis.ResponseError, match="NOGROUP"):
+        await read_group(db, group="g", consumer="c", stream="st", count=10)
+    await db.xgroup_create("st", "g", id="0", mkstream=True)
+    assert await read_group(db, group="g", consumer="c", stream="st", count=10, block_ms=10) == []
+    first = await db.xadd("st", {"a": b"1", "p": b"\x00\xff"})
+    second = await db.xadd("st", {"b": b"2"})
+    assert await read_group(db, group="g", consumer="c", stream="st", count=10) == [
+        (first, {b"a": b"1", b"p": b"\x00\xff"}), (second, {b"b": b"2"})]
+    await db.xdel("st", first)  # deleted while pending: re-read without its fields
+    assert await read_group(db, group="g", consumer="c", stream="st", count=10, start="0") == [
+        (first, {}), (second, {b"b": b"2"})]
+
+
+def test_the_blocking_client_sends_the_same_way(redis_db: RedisSettings) -> None:
+    client = redis_db.client()
+    try:
+        commands = Commands()
+        commands.set_nx_ex(b"k", b"v", 60)
+        commands.add(b"HSET", b"k", b"f", b"1")  # WRONGTYPE in its place
+        commands.add(b"GET", b"k")
+        first, error, value = commands.send_blocking(client)
+        assert (first, value) == (b"OK", b"v") and isinstance(error, redis.ResponseError)
+        assert client.ping()  # the connection went back to the pool in a usable state
+    finally:
+        client.close()
