@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer import ErrorCode, ProtocolError
+from producer import ErrorCode, ProtocolError, wire
 from producer.codec import CONTENT_TYPES, decode_value, encode_value
 from producer.wire import (
     DEFAULT_TTL_S,
@@ -308,3 +308,30 @@ def test_envelope_from_bad_bytes(ct: str) -> None:
 def test_envelope_with_malformed_fields(ct: str, bad: dict[str, Any]) -> None:
     with pytest.raises(ProtocolError):
         decode_envelope(ct, encode_value(ct, {"id": "r", "ok": False, **bad}))
+
+
+_FIELD_VALUES = {
+    b"v": [b"1", b"2", b"", b"01"],
+    b"id": [b"abc-1", b"a" * 128, b"a" * 129, b"bad id", b"", b"\xff"],
+    b"ct": [b"msgpack", b"json", b"xml", b""],
+    b"p": [b"\x91\x01", b""],
+    b"reply": [b"client-1", b"bad reply", b""],
+    b"dl": [b"0", b"1717171717000", b"-5", b"+5", b" 7", b"x"],
+    b"ttl": [b"1", b"600", b"604800", b"604801", b"0", b"+60", b"x"],
+    b"prio": [b"0", b"1", b"2", b"3", b"01", b"x"],
+    b"method": [b"forward", b"", b"\xff"],
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in _FIELD_VALUES.items()}))
+def test_the_fast_parse_agrees_with_the_full_check(fields: dict[bytes, bytes]) -> None:
+    """parse_request takes plainly valid entries in a few lookups; for every entry it must give
+    what the full check gives: the same Request, or the same BadEntry."""
+    def outcome(parse: Any) -> Any:
+        try:
+            return parse(b"1717171717000-3", fields)
+        except BadEntry as exc:
+            return (str(exc), exc.request_id, exc.ct, exc.reply, exc.ttl_s, exc.code)
+
+    assert outcome(parse_request) == outcome(wire._parse_checked)
