@@ -321,10 +321,12 @@ def format_models(rows: list[dict[str, Any]], devices: list[dict[str, Any]],
          str(r["replicas"]), (r["last_error"] or "-")[:60])
         for r in rows
     ]
+    errors = [f"{r['model']}: {r['last_error']}" for r in rows if r["last_error"] and len(r["last_error"]) > 60]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     if not rows:
         lines.append("(no model registered: is a manager running with a memory budget?)")
+    lines.extend(errors)  # the whole of a long error, below the table
     for d in devices:
         lines.append(f"device {d['node']}/{d['device']}: {mib(d['used_bytes'])} of {mib(d['budget_bytes'])} MiB "
                      f"used ({', '.join(d['models']) or 'empty'})")

@@ -1,9 +1,10 @@
 """The main job in one command: a real manager with the demo models, a real burst, a summary.
 
 ``nosq demo`` starts ``nosq serve`` as a child process (Ray on loopback, the four demo
-models), waits until it is serving, sends ``requests`` per model through the AsyncProducer
-with ``concurrency`` in flight per model, all models at once, prints what happened, and stops
-the manager with SIGTERM (it drains and exits 0).
+models and the text embedding model ``minilm``), waits until it is serving, sends ``requests``
+per model through the AsyncProducer with ``concurrency`` in flight per model, all models at once
+(``minilm``: at most ``TEXT_REQUESTS`` documents of a generated corpus, 8 to 256 tokens), prints
+what happened, and stops the manager with SIGTERM (it drains and exits 0).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from producer.aio import AsyncProducer
 from producer.errors import NosqError
 from producer.settings import RedisSettings
 
-__all__ = ["DEMO_INPUTS", "run_demo", "start_manager", "stop_manager"]
+__all__ = ["DEMO_INPUTS", "DEMO_TEXTS", "demo_documents", "run_demo", "start_manager", "stop_manager"]
 
 #: one input of each demo model (the shapes in workers/demo.py)
 DEMO_INPUTS: dict[str, tuple[int, ...]] = {
@@ -36,7 +37,20 @@ DEMO_INPUTS: dict[str, tuple[int, ...]] = {
     "cnn": (3, 64, 64),
     "transformer": (32, 256),
 }
-START_TIMEOUT_S = 120.0
+#: the text models of the demo config: strings in, one float32[384] vector each out
+DEMO_TEXTS = ("minilm",)
+TEXT_REQUESTS = 500  # a CPU core embeds a few hundred short documents a second
+START_TIMEOUT_S = 180.0  # the embedding model's first load imports transformers
+_WORDS = ("redis", "stream", "queue", "batch", "model", "vector", "search", "document", "embedding", "the", "a",
+          "of", "and", "to", "in", "is", "for", "latency", "throughput", "replica", "manager", "actor", "token",
+          "length", "bucket", "padding", "serving", "request", "result", "index", "retrieval", "ingestion")
+
+
+def demo_documents(n: int, seed: int = 0) -> list[str]:
+    """``n`` documents of about 6 to 250 words, most of them short (log-normal lengths)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(3.0, 0.8, n), 6, 250).astype(int)
+    return [" ".join(rng.choice(_WORDS, size=int(k))).capitalize() + "." for k in lengths]
 
 
 def start_manager(settings: RedisSettings, *args: str, consumer: str = "demo",
@@ -77,19 +91,24 @@ def stop_manager(process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> i
 
 
 async def _burst(settings: RedisSettings, model: str, requests: int, concurrency: int) -> dict[str, Any]:
-    shape = DEMO_INPUTS[model]
-    rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(min(requests, 64))]
+    inputs: list[Any]
+    if model in DEMO_TEXTS:
+        requests = min(requests, TEXT_REQUESTS)
+        inputs = list(demo_documents(requests))
+    else:
+        rng = np.random.default_rng(0)
+        inputs = [rng.standard_normal(DEMO_INPUTS[model], dtype=np.float32) for _ in range(min(requests, 64))]
     latencies: list[float] = []
     sizes: Counter[int] = Counter()
     reasons: Counter[str] = Counter()
     errors: Counter[str] = Counter()
+    paddings: list[float] = []
     started = time.perf_counter()
     async with AsyncProducer(settings) as producer:
         sent = 0
         window: set[asyncio.Task[None]] = set()
 
-        async def one(x: np.ndarray) -> None:
+        async def one(x: Any) -> None:
             t0 = time.perf_counter()
             handle = await producer.submit(model, x, timeout_s=60)
             envelope = await producer.outcome(handle, timeout_s=60)
@@ -97,6 +116,8 @@ async def _burst(settings: RedisSettings, model: str, requests: int, concurrency
             if envelope.ok:
                 sizes[int(envelope.batch.get("size", 0))] += 1
                 reasons[str(envelope.batch.get("reason", ""))] += 1
+                if "padding" in envelope.batch:
+                    paddings.append(float(envelope.batch["padding"]))
             else:
                 errors[envelope.code] += 1
 
@@ -116,11 +137,13 @@ async def _burst(settings: RedisSettings, model: str, requests: int, concurrency
         "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 2),
         "mean_batch": round(sum(k * v for k, v in sizes.items()) / max(1, sum(sizes.values())), 1),
         "max_batch": max(sizes, default=0), "reasons": dict(reasons), "errors": dict(errors),
+        "padding": round(statistics.mean(paddings), 3) if paddings else None,
     }
 
 
 async def _all_bursts(settings: RedisSettings, requests: int, concurrency: int) -> list[dict[str, Any]]:
-    return list(await asyncio.gather(*(_burst(settings, m, requests, concurrency) for m in DEMO_INPUTS)))
+    models = (*DEMO_INPUTS, *DEMO_TEXTS)
+    return list(await asyncio.gather(*(_burst(settings, m, requests, concurrency) for m in models)))
 
 
 def run_demo(settings: RedisSettings, *, requests: int, concurrency: int) -> int:
@@ -138,6 +161,11 @@ def run_demo(settings: RedisSettings, *, requests: int, concurrency: int) -> int
     for r in rows:
         print(f"{r['model']:<12}{r['requests']:>9}{r['req_per_s']:>9.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
               f"{r['mean_batch']:>11.1f}{r['max_batch']:>10}  {sum(r['errors'].values()):>6}  {r['reasons']}")
+    for r in rows:
+        if r["model"] in DEMO_TEXTS:
+            padding = "" if r["padding"] is None else f", padding {r['padding']:.0%} of the tokens computed"
+            print(f"{r['model']}: {r['requests']} documents embedded (float32[384] each, 8 to 256 tokens), batched "
+                  f"by token length{padding}")
     errors = sum(sum(r["errors"].values()) for r in rows)
     print(f"\n{total} requests over {len(rows)} models concurrently in {wall:.1f} s "
           f"({total / wall:.0f} req/s overall), {errors} errors; manager exited with status {status}")

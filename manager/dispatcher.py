@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ from workers.channel import ChannelClient, ChannelLost
 from workers.datapath import BatchOutput, batch_of
 from workers.spec import ModelSpec
 
-__all__ = ["Replica", "ReplicaPool", "wants_gpu"]
+__all__ = ["Replica", "ReplicaPool", "start_failure", "wants_gpu"]
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
@@ -277,6 +278,22 @@ class ReplicaPool:
 
     async def memory(self) -> list[dict[str, int]]:
         return list(await asyncio.gather(*(r.actor.memory.remote() for r in self.replicas)))
+
+
+def start_failure(exc: BaseException) -> str:
+    """Why replicas did not start, in one line: a replica's own error (``ModelLoadError: model
+    'x': ... does not exist``) is the last line of the traceback Ray wraps it in."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if _ERROR_LINE.match(line)), None)
+    if cause is not None:
+        name, _, rest = cause.partition(":")
+        text = name.rsplit(".", 1)[-1] + ":" + rest  # the error's class without its module
+    else:
+        text = f"{type(exc).__name__}: {lines[-1] if lines else repr(exc)}"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b[^:]*:")
 
 
 def wants_gpu(spec: ModelSpec) -> bool:

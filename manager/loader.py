@@ -47,7 +47,7 @@ from typing import Any
 import redis.asyncio
 
 from manager import placement
-from manager.dispatcher import ReplicaPool, _cluster_gpus, wants_gpu
+from manager.dispatcher import ReplicaPool, _cluster_gpus, start_failure, wants_gpu
 from manager.pipeline import ModelPipeline
 from manager.profiles import ProfileRecord, decode, ensure_profile
 from manager.registry import ModelState, Outcome, Registry, RegistryError, ReservationLost
@@ -241,9 +241,10 @@ class Loader:
                 self._profiles[model] = record
                 pipeline.apply_profile(record.profile if record is not None else None)
         except Exception as exc:  # any load failure is recorded; the manager serves on
-            log.error("model %s: load failed: %r; retrying in %.0f s", model, exc, FAILED_RETRY_S)
+            cause = start_failure(exc)
+            log.error("model %s: load failed: %s; retrying in %.0f s", model, cause, FAILED_RETRY_S)
             await pool.stop()
-            await self.registry.fail(model, f"load failed: {type(exc).__name__}: {str(exc)[:300]}")
+            await self.registry.fail(model, f"load failed: {cause}")
             self._retry_at[model] = time.monotonic() + FAILED_RETRY_S
             return
         load_ms = (time.monotonic() - started) * 1000

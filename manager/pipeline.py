@@ -16,17 +16,17 @@ from typing import Any
 import redis.asyncio
 from ray.exceptions import RayError
 
-from manager.batcher import Batcher, LatencyModel, Reason
+from manager.batcher import Batcher, LatencyModel, LengthBuckets, Reason
 from manager.dispatcher import Replica, ReplicaPool
 from manager.metrics import Metrics
 from manager.profiles import latency_model
 from manager.registry import Registry
 from manager.resilience import RedisLink, retrying
-from producer.resp import Commands, read_group
 from manager.results import BatchInfo, Finished, ResultWriter, Successes, error
 from manager.settings import ManagerSettings
 from manager.stats import RollingStats
 from producer import keys
+from producer.resp import Commands, read_group
 from producer.wire import BadEntry, ErrorCode, Request, clip, now_ms, parse_request
 from workers.channel import ChannelError
 from workers.curve import Profile
@@ -52,8 +52,11 @@ class ModelPipeline:
         self._settings = settings
         self._spawn = spawn
         self.link = link or RedisLink(client.ping)
+        buckets = None if spec.bucketing is None else LengthBuckets(
+            spec.bucketing.edges, token_budget=spec.bucketing.token_budget,
+            bytes_per_token=spec.bucketing.bytes_per_token)
         self.batcher = Batcher(cap=spec.max_batch, max_wait_ms=spec.max_wait_ms, latency=latency or LatencyModel(),
-                               max_bytes=settings.max_batch_bytes)
+                               max_bytes=settings.max_batch_bytes, buckets=buckets)
         self.writer = ResultWriter(client, model=spec.id, consumer=settings.consumer,
                                    reply_maxlen=settings.reply_maxlen, link=self.link,
                                    reply_inline_bytes=settings.reply_inline_bytes)
@@ -361,8 +364,10 @@ class ModelPipeline:
                 if len(output) != len(runnable):
                     message = f"worker returned {len(output)} results for a batch of {len(runnable)}"
                     return finished + [error(model, r, ErrorCode.OUTPUT_MISMATCH, message) for r in runnable]
+                bucket = self.batcher.bucket_of(runnable)  # batch provenance: length bucket, the model's own
                 info = BatchInfo(id=batch_id, size=len(runnable), reason=str(reason), dispatched_ms=info_ms,
-                                 exec_ms=output.exec_ms)
+                                 exec_ms=output.exec_ms,
+                                 extra=output.provenance if bucket is None else {"bucket": bucket, **output.provenance})
                 failures, not_run = output.failures, output.not_run
                 successes = Successes(model, info)
                 for index, request in enumerate(runnable):  # envelopes copy the outputs out of the slot

@@ -36,6 +36,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
         log.info("joined Ray cluster at %s", address)
         return True
+    # Ray starts its workers at nice 15: on a busy host the replicas, which are the work, then
+    # lose the CPU to everything else (docs/benchmarks.md, embeddings). An operator's setting wins.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; without it a "local"
     # instance binds the machine's non-loopback address. A private instance stays on loopback.
     ray_constants.ENABLE_RAY_CLUSTER = False

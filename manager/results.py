@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -17,8 +18,8 @@ import redis
 import redis.asyncio
 
 from manager.resilience import RedisLink, retrying
-from producer.resp import Commands
 from producer import keys
+from producer.resp import Commands
 from producer.wire import PROTOCOL_VERSION, ErrorCode, Request, clip, encode_envelope, now_ms
 
 __all__ = ["BatchInfo", "Finished", "ResultWriter", "Successes", "error"]
@@ -36,6 +37,9 @@ class BatchInfo:
     reason: str
     dispatched_ms: int
     exec_ms: float
+    # more of the batch's provenance, after id, size, reason in its ``batch`` map: the length
+    # bucket it was formed from, the model's own (a text model's ``tokens``, ``padding``)
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,7 @@ class Successes:
     def _template(self, ct: str) -> tuple[bytes, ...]:
         batch = self._batch
         exec_ms = round(batch.exec_ms, 3)
-        provenance = {"id": batch.id, "size": batch.size, "reason": batch.reason}
+        provenance = {"id": batch.id, "size": batch.size, "reason": batch.reason, **batch.extra}
         if ct == "msgpack":
             pack = msgpack.packb
             parts = (b"\x88" + pack("v") + pack(PROTOCOL_VERSION) + pack("id"),
@@ -113,7 +117,7 @@ def _header(model: str, request: Request, batch: BatchInfo | None) -> dict[str, 
     else:
         header["timings"] = {"queued_ms": queued, "wait_ms": max(0, batch.dispatched_ms - read_ms),
                              "exec_ms": round(batch.exec_ms, 3)}
-        header["batch"] = {"id": batch.id, "size": batch.size, "reason": batch.reason}
+        header["batch"] = {"id": batch.id, "size": batch.size, "reason": batch.reason, **batch.extra}
     header["deliveries"] = request.deliveries
     return header
 

@@ -27,7 +27,7 @@ import redis.asyncio
 
 from manager import raycluster
 from manager.control import ControlWorker
-from manager.dispatcher import ReplicaPool
+from manager.dispatcher import ReplicaPool, start_failure
 from manager.janitor import Janitor
 from manager.loader import Loader
 from manager.metrics import Metrics, MetricsServer
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 #: redis-py retries a command this long itself (a dropped connection, a blip); a longer outage
 #: is the RedisLink's to wait out (manager.resilience)
 RECONNECT_IN_CALL_S = 2.0
+LOAD_RETRY_FIRST_S = 5.0  # a model whose load failed (no budget) is tried again after this, doubling
+LOAD_RETRY_MAX_S = 300.0
 
 
 class State(enum.Enum):
@@ -83,6 +85,7 @@ class Manager:
         self.control: ControlWorker | None = None
         self.scaling: Scaling | None = None
         self._compile_reported: set[str] = set()
+        self.load_errors: dict[str, str] = {}  # without a budget: models whose load failed, and why
         self.link = RedisLink(lambda: self._client().ping(), outage_limit_s=settings.redis_outage_limit_s,
                               describe=f"Redis at {settings.redis.describe()}")
 
@@ -121,15 +124,7 @@ class Manager:
             self.registry = Registry(self._redis, owner=settings.consumer, policy=settings.eviction_policy)
             self.profiles.update(dict.fromkeys(self._pools))
         else:
-            await asyncio.gather(*(pool.start() for pool in self._pools.values()))
-            for model, pool in self._pools.items():
-                problem = pool.compile_problem()
-                if problem is not None:
-                    log.warning("model %s: %s; serving eagerly", model, problem)
-            for spec in self.config.models:  # one at a time: profiles measured side by side disturb each other
-                self.profiles[spec.id] = await ensure_profile(
-                    self._redis, spec, self._pools[spec.id], measure=settings.profile_on_start,
-                    options=ProfileOptions(memory_limit_bytes=settings.profile_memory_limit_bytes))
+            await self._load_every_model()
         for spec in self.config.models:
             record = self.profiles[spec.id]
             pipeline = ModelPipeline(spec, client=self._redis, pool=self._pools[spec.id], settings=settings,
@@ -148,8 +143,11 @@ class Manager:
             self._spawn_loop(lambda: self.loader.run(self._stop) if self.loader else _nothing(), "loader")
         else:
             for model, pipeline in self.pipelines.items():
-                self._spawn_loop(pipeline.read_loop, f"read-{model}")
-                self._spawn(pipeline.batch_loop(), f"batch-{model}")
+                if model in self.load_errors:
+                    pipeline.reading = False  # its entries wait in the stream until it loads
+                    self._spawn_loop(lambda model=model: self._retry_load(model), f"load-{model}")  # type: ignore[misc]
+                else:
+                    self._serve(model)
         self.janitor = Janitor(self._redis, settings, self.pipelines)
         self.unknown = UnknownModels(self._redis, settings, set(self.pipelines), self.link)
         self._spawn_loop(lambda: self.janitor.run(self._stop), "janitor")
@@ -260,6 +258,61 @@ class Manager:
 
     # -- internals --------------------------------------------------------------------------
 
+    async def _load_every_model(self) -> None:
+        """Without a memory budget: start every model now; one that fails to load is tried again
+        later (``_retry_load``) while the others serve."""
+        outcomes = await asyncio.gather(*(pool.start() for pool in self._pools.values()), return_exceptions=True)
+        for (model, pool), outcome in zip(self._pools.items(), outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._load_failed(model, outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            elif (problem := pool.compile_problem()) is not None:
+                log.warning("model %s: %s; serving eagerly", model, problem)
+        for spec in self.config.models:  # one at a time: profiles measured side by side disturb each other
+            self.profiles[spec.id] = None if spec.id in self.load_errors else await self._profile(spec.id)
+
+    async def _profile(self, model: str) -> ProfileRecord | None:
+        return await ensure_profile(self._client(), self._pools[model].spec, self._pools[model],
+                                    measure=self.settings.profile_on_start,
+                                    options=ProfileOptions(memory_limit_bytes=self.settings.profile_memory_limit_bytes))
+
+    def _serve(self, model: str) -> None:
+        pipeline = self.pipelines[model]
+        self._spawn_loop(pipeline.read_loop, f"read-{model}")
+        self._spawn(pipeline.batch_loop(), f"batch-{model}")
+
+    def _load_failed(self, model: str, exc: Exception) -> None:
+        self.load_errors[model] = start_failure(exc)
+        log.error("model %s: load failed: %s; the other models serve on, and it is tried again",
+                  model, self.load_errors[model])
+
+    async def _retry_load(self, model: str) -> None:
+        """Without a memory budget: start a model whose load failed, again and again (backoff
+        up to ``LOAD_RETRY_MAX_S``); once it is up, profile it and serve it."""
+        delay = LOAD_RETRY_FIRST_S
+        pool, pipeline = self._pools[model], self.pipelines[model]
+        while model in self.load_errors:
+            try:
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+                return  # stopping
+            except TimeoutError:
+                pass
+            try:
+                await pool.start()
+            except Exception as exc:  # recorded, shown by nosq status; tried again later
+                self._load_failed(model, exc)
+                delay = min(LOAD_RETRY_MAX_S, delay * 2)
+                continue
+            record = await self._profile(model)
+            self.profiles[model] = record
+            pipeline.apply_profile(record.profile if record is not None else None)
+            pipeline.resume()
+            del self.load_errors[model]
+            self._serve(model)
+            log.info("model %s: loaded after an earlier failure", model)
+
     def _spawn_loop(self, loop: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:
         """A long-running loop that survives Redis restarts (manager.resilience)."""
         return self._spawn(forever(loop, name, self.link), name)
@@ -292,7 +345,8 @@ class Manager:
 
     def _heartbeat_value(self) -> str:
         stats = {m: {**p.stats.snapshot(), "replicas": len(self._pools[m].replicas),
-                     "actors": self._pools[m].placements(), "compile_problem": self._pools[m].compile_problem()}
+                     "actors": self._pools[m].placements(), "compile_problem": self._pools[m].compile_problem(),
+                     "load_error": self.load_errors.get(m)}
                  for m, p in self.pipelines.items()}
         if self.scaling is not None:
             for model, figures in stats.items():
@@ -321,6 +375,8 @@ class Manager:
         """Why this manager is not serving now (``/healthz`` answers 503 with it), or None."""
         if self.state is not State.RUNNING:
             return f"manager is {self.state.value}"
+        if self.pipelines and len(self.load_errors) == len(self.pipelines):
+            return "no model loaded: " + "; ".join(f"{m}: {e}" for m, e in sorted(self.load_errors.items()))
         return self.link.problem()
 
     async def _refresh_gauges(self) -> None:

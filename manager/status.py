@@ -51,8 +51,9 @@ def collect(client: redis.Redis) -> dict[str, Any]:
             for name in ("mean_batch", "p50_ms", "p99_ms", "replicas"):
                 if name in figures:
                     row[name] = max(row.get(name, 0), figures[name])
-            if figures.get("compile_problem"):
-                row["compile_problem"] = figures["compile_problem"]
+            for problem in ("compile_problem", "load_error"):
+                if figures.get(problem):
+                    row[problem] = figures[problem]
         for model in beat.get("models", []):
             models.setdefault(model, {"model": model, "managers": [beat["consumer"]], "req_per_s": 0.0, "served": 0})
     registry: dict[str, dict[str, Any]] = {}
@@ -96,6 +97,8 @@ def render(view: dict[str, Any]) -> str:
             f"  {','.join(row['managers'])}"
         )
     for row in view["models"]:
+        if row.get("load_error"):
+            lines.append(f"{row['model']}: load failed, retrying: {row['load_error']}")
         if row.get("compile_problem"):
             lines.append(f"{row['model']}: {row['compile_problem']}")
     for device in view.get("devices", []):

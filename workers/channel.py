@@ -236,7 +236,7 @@ class _SlotState:
         """The answer's header (the outputs are in the output segment already) and new fds."""
         header = {"o": np.ascontiguousarray(output.offsets, dtype=np.int64).tobytes(), "x": output.exec_ms,
                   "s": output.stages, "f": [[i, code, message] for i, (code, message) in output.failures.items()],
-                  "n": sorted(output.not_run)}
+                  "n": sorted(output.not_run), "p": output.provenance}
         return header, list(self.new_fds)
 
     def close(self) -> None:
@@ -319,7 +319,8 @@ class ChannelClient:
         buffer: Any = memoryview(self._output.map)[: int(out_offsets[-1])] if self._output is not None else b""
         return BatchOutput(buffer=buffer, offsets=out_offsets,
                            failures={int(i): (code, message) for i, code, message in answer["f"]},
-                           not_run=frozenset(answer["n"]), exec_ms=float(answer["x"]), stages=answer["s"])
+                           not_run=frozenset(answer["n"]), exec_ms=float(answer["x"]), stages=answer["s"],
+                           provenance=answer.get("p") or {})
 
     def close(self) -> None:
         self._sock.close()

@@ -95,7 +95,9 @@ class BatchOutput:
     """A batch's outcome: item ``i``'s encoded output is ``buffer[offsets[i]:offsets[i+1]]``;
     a failed item has an empty slice and an entry in ``failures`` (index -> code, message).
     ``ran`` is False for items that never reached the model (they did not decode);
-    ``stages`` has the ms spent in each step (decode, stage, model, fetch, encode)."""
+    ``stages`` has the ms spent in each step (decode, stage, model, fetch, encode);
+    ``provenance`` is what the model said about the batch (``batch_provenance()``: a text
+    model's ``tokens`` and ``padding``), JSON-ready, added to each result's ``batch`` map."""
 
     buffer: Any  # np.ndarray (through Ray) or a memoryview of a shared-memory segment
     offsets: Offsets
@@ -103,6 +105,7 @@ class BatchOutput:
     not_run: frozenset[int] = frozenset()
     exec_ms: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

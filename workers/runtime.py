@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
 import re
 import resource
@@ -77,6 +78,8 @@ class ModelRuntime:
         self.device = _resolve_device(spec, device or spec.device)
         factory = _import_factory(spec)
         kwargs = {k: v for k, v in spec.options.items() if k != EXAMPLE_OPTION}
+        if _takes_device(factory):  # e.g. workers.text: loads in the device's dtype, on the device
+            kwargs["device"] = self.device
         try:
             model = factory(**kwargs)
         except Exception as exc:
@@ -234,18 +237,36 @@ class ModelRuntime:
             clock.lap("decode")
             stage(Stage.WAITING)
             with self._model_lock:
+                clock.lap("wait")
                 stage(Stage.IN_MODEL)
                 raw = runner.launch(ready)
                 if isinstance(raw, Exception):  # bisect to the items that make it raise
                     runner.bisect(runner.pending(), raw)
+                provenance = self._provenance()
+                clock.lap("model")
             runner.fetch(raw)  # on CUDA: waits for the device, outside the lock
-        clock.lap("model")
+            clock.lap("fetch")
         stage(Stage.ENCODING)
         output = runner.encode(batch, alloc)
         clock.lap("encode")
         output.exec_ms = runner.exec_ms
-        output.stages = clock.laps | runner.laps
+        output.stages = clock.laps
+        output.provenance = provenance
         return output
+
+    def _provenance(self) -> dict[str, Any]:
+        """What the model says about the batch it just ran (its ``batch_provenance()``, e.g. a
+        text model's padded length and padding share): JSON-ready numbers and strings, or {}."""
+        report = getattr(self.model, "batch_provenance", None)
+        if not callable(report):
+            return {}
+        try:
+            found = report()
+        except Exception:  # the model's own bug: the batch's results matter more than its provenance
+            return {}
+        if not isinstance(found, dict):
+            return {}
+        return {str(k): v for k, v in found.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
     def _decode_items(self, batch: BatchInput, runner: _Runner) -> None:
         schema = self.spec.input
@@ -265,9 +286,12 @@ class ModelRuntime:
 
 
 class _Clock:
+    """The ms of each step of a batch, in order, and when it began (``at``: unix ms), so that the
+    steps of batches on different slots can be laid on one timeline."""
+
     def __init__(self) -> None:
         self._last = time.perf_counter()
-        self.laps: dict[str, float] = {}
+        self.laps: dict[str, float] = {"at": time.time() * 1000.0}
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
@@ -366,7 +390,6 @@ class _Runner:
         self.failures: dict[int, tuple[str, str]] = {}
         self.not_run: set[int] = set()
         self.exec_ms = 0.0
-        self.laps: dict[str, float] = {"stage": 0.0, "fetch": 0.0}
         self._device_rows: torch.Tensor | None = None
         self._first: list[int] = []
 
@@ -422,9 +445,7 @@ class _Runner:
                 for index, value in zip(indices, outcome, strict=True):
                     self.outputs[index] = value
         finally:
-            elapsed = (time.perf_counter() - start) * 1000.0
-            self.exec_ms += elapsed
-            self.laps["fetch"] += elapsed
+            self.exec_ms += (time.perf_counter() - start) * 1000.0
 
     def bisect(self, indices: list[int], error: Exception) -> None:
         """After the model raised ``error`` on ``indices``: run halves until each failing input
@@ -467,9 +488,7 @@ class _Runner:
     def _gather(self, indices: list[int]) -> Any:
         if self.rows is not None:
             if self._device_rows is None:
-                start = time.perf_counter()
                 self._device_rows = self.staging.to_device(self.rows)
-                self.laps["stage"] += (time.perf_counter() - start) * 1000.0
             if len(indices) == self.n:
                 return self._device_rows
             return self._device_rows[torch.as_tensor(indices, device=self._device_rows.device)]
@@ -478,9 +497,7 @@ class _Runner:
         if len(indices) > 1 and isinstance(batch, list) and len(shape_groups(items)) > 1:
             return _Mixed()
         if isinstance(batch, torch.Tensor) and batch.device != self.device:
-            start = time.perf_counter()
             batch = batch.to(self.device, non_blocking=True)
-            self.laps["stage"] += (time.perf_counter() - start) * 1000.0
         return batch
 
     def encode(self, batch: BatchInput, alloc: Alloc) -> BatchOutput:
@@ -567,6 +584,14 @@ def _import_factory(spec: ModelSpec) -> Callable[..., Any]:
             f"model {spec.id!r}: module {module_name!r} has no callable {attr!r} (factory {spec.factory})"
         )
     return factory  # type: ignore[no-any-return]
+
+
+def _takes_device(factory: Callable[..., Any]) -> bool:
+    """Whether ``factory`` has a ``device`` parameter: it then gets the replica's torch.device."""
+    try:
+        return "device" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature (a builtin)
+        return False
 
 
 def _describe(exc: BaseException) -> str:

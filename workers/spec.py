@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import json
 import math
 import re
@@ -22,7 +23,7 @@ from producer.codec import DTYPES
 from producer.errors import NosqError
 from workers.curve import EXAMPLE_OPTION
 
-__all__ = ["ConfigError", "ItemSchema", "ModelSpec", "ServeConfig", "load_config"]
+__all__ = ["Bucketing", "ConfigError", "ItemSchema", "ModelSpec", "ServeConfig", "load_config"]
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$", re.ASCII)
 _METHOD_RE = re.compile(r"^[A-Za-z]\w*$", re.ASCII)
@@ -33,7 +34,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 _FINGERPRINT_IF_SET = {"compile": "eager", "compile_mode": None}
 # where compiled artifacts live does not change the model: never part of the fingerprint
 _NOT_FINGERPRINTED = ("compile_cache_dir", "input", "max_backlog", "min_replicas", "max_replicas", "scale_up_delay_s",
-                      "scale_down_delay_s", "scale_target_wait_s")
+                      "scale_down_delay_s", "scale_target_wait_s",
+                      "bucketing")  # how batches are formed, not the model
 # nor does where its replicas run (custom Ray resources): moving a model keeps its profiles
 _PLACEMENT_FIELDS = ("resources",)
 # Ray's built-in resources: each has a field of its own (num_cpus, device), or none to give
@@ -67,6 +69,27 @@ class ItemSchema(BaseModel):
         return value
 
 
+class Bucketing(BaseModel):
+    """Batches formed by length (``manager.batcher.LengthBuckets``), for models whose cost grows
+    with the length of each item (text): a request's bucket is the smallest edge (in tokens) at
+    or above its estimated token count, payload bytes / ``bytes_per_token`` (the manager never
+    decodes a payload); a batch takes requests of the oldest request's bucket, then of the
+    nearest others, while batch size x its longest bucket stays within ``token_budget``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    edges: tuple[int, ...] = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    token_budget: int = Field(default=2048, ge=1)  # padded tokens of one batch: size x its longest bucket
+    bytes_per_token: float = Field(default=4.0, gt=0)  # payload bytes per token, the manager's length proxy
+
+    @field_validator("edges")
+    @classmethod
+    def _check_edges(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(e < 1 for e in value) or any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError(f"bucketing.edges must be token counts >= 1 in increasing order, got {list(value)!r}")
+        return value
+
+
 class ModelSpec(BaseModel):
     """One servable model: where to build it, which methods clients may call, how to batch it."""
 
@@ -87,6 +110,8 @@ class ModelSpec(BaseModel):
     # lists are converted to it, and batches of it are decoded straight into one buffer
     input: ItemSchema | None = None
     max_backlog: int | None = Field(default=None, ge=1)  # entries waiting before producers get QueueFull
+    # batches by length (text models): None forms them in arrival order, up to max_batch items
+    bucketing: Bucketing | None = None
     # eager, torch.jit.trace per batch bucket, or torch.compile (``workers.compiling``)
     compile: Literal["eager", "trace", "compile"] = "eager"
     compile_mode: str | None = None  # torch.compile's mode; only with compile = "compile"

@@ -204,22 +204,23 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_demo_config() -> None:
     config = load_config(demo_config_path())
-    assert [m.id for m in config.models] == ["noop", "mlp", "cnn", "transformer"]
+    assert [m.id for m in config.models] == ["noop", "mlp", "cnn", "transformer", "minilm"]
     assert {m.id: m.max_batch for m in config.models} == {
         "noop": 256,
         "mlp": 256,
         "cnn": 64,
         "transformer": 64,
+        "minilm": 128,
     }
     for spec in config.models:
         module, _, attr = spec.factory.partition(":")
-        assert module == "workers.demo"
+        assert module == ("workers.text" if spec.id == "minilm" else "workers.demo")
         assert callable(getattr(importlib.import_module(module), attr))
         assert spec.device == "auto"
 
 
 PUBLIC = {
-    "workers.spec": ["ConfigError", "ItemSchema", "ModelSpec", "ServeConfig", "load_config"],
+    "workers.spec": ["Bucketing", "ConfigError", "ItemSchema", "ModelSpec", "ServeConfig", "load_config"],
     "workers.batching": ["OutputMismatch", "collate", "shape_groups", "split", "to_numpy"],
     "workers.actor": ["ModelWorker"],
     "workers.runtime": ["ModelLoadError", "ModelRuntime"],
