@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +214,20 @@ def _serve(args: argparse.Namespace) -> int:
         overrides.update(metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     manager = Manager(config, ManagerSettings(**overrides))
 
-    asyncio.run(manager.run(handle_signals=True))
+    run_on_fast_loop(manager.run(handle_signals=True))
     return EXIT_ERROR if manager.failed is not None else 0
+
+
+def run_on_fast_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the manager on uvloop when it is installed (the server extra has it): every Redis and
+    channel round trip costs the event loop about half as much as on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - a server install has it
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def _status(args: argparse.Namespace) -> int:

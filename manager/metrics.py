@@ -20,6 +20,7 @@ __all__ = ["Metrics", "MetricsServer"]
 log = logging.getLogger(__name__)
 _MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_FEW = 16
 
 
 class Metrics:
@@ -72,7 +73,9 @@ def _observe_many(histogram: Histogram, values: Iterable[float]) -> None:
     per-request waits cost one call each otherwise. Uses prometheus_client's bucket layout
     (``_upper_bounds``, ``_buckets``, ``_sum``; the same fields ``observe`` uses)."""
     amounts = np.fromiter(values, dtype=np.float64)
-    if not amounts.size:
+    if amounts.size < _FEW:  # numpy's fixed cost is more than a few observe() calls
+        for amount in amounts.tolist():
+            histogram.observe(amount)
         return
     bounds = histogram._upper_bounds
     counts = np.bincount(np.searchsorted(bounds, amounts, side="left"), minlength=len(bounds))

@@ -256,6 +256,7 @@ class ModelPipeline:
             await self.writer.dead_letter(dead, ErrorCode.BAD_REQUEST)
         if finished:
             await self.writer.write(finished)
+            self.served += len(finished)
             self.metrics.answered(model, 0, (f.code for f in finished))
             for item in finished:
                 log.info("model %s request %s: answered %s before batching", model, item.request.id, item.code)
@@ -314,6 +315,7 @@ class ModelPipeline:
         finished = [error(self.spec.id, r, ErrorCode.DEADLINE_EXCEEDED, _deadline_message(r, now, predicted))
                     for r in requests]
         await self.writer.write(finished)
+        self.served += len(finished)
         self.metrics.answered(self.spec.id, 0, (f.code for f in finished))
 
     async def _execute(self, batch_id: str, requests: list[Request], reason: Reason, replica: Replica) -> None:

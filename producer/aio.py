@@ -296,8 +296,36 @@ class AsyncProducer:
         return output_of(rid, self._ct, data, self._tensors)
 
     async def gather(self, handles: Sequence[Handle], timeout_s: float | None = None) -> list[Any]:
-        """Every output, in order; the first error raises."""
-        return list(await asyncio.gather(*(self.result(h, timeout_s) for h in handles)))
+        """Every output, in order; the first error raises. Handles submitted by this producer
+        wait on one future each (no task per request, as ``asyncio.gather`` of ``result`` calls
+        would make)."""
+        if any(h.id not in self._waiters for h in handles):  # from elsewhere: each reads its result key
+            return list(await asyncio.gather(*(self.result(h, timeout_s) for h in handles)))
+        timeout = self._default_timeout_s if timeout_s is None else timeout_s
+        loop = self._started()
+        arrived: list[bytes | None] = []
+        armed: list[tuple[int, asyncio.Future[bytes], int]] = []
+        for index, handle in enumerate(handles):
+            waiter = self._waiters[handle.id]
+            if waiter.data is not None:
+                arrived.append(waiter.data)
+                self._waiters.pop(handle.id, None)
+                continue
+            arrived.append(None)
+            future: asyncio.Future[bytes] = loop.create_future()
+            waiter.add(future)
+            armed.append((index, future, self._arm(future, timeout)))
+        try:
+            for index, future, _ in armed:
+                arrived[index] = await future
+        except _TimedOut:
+            raise NosqTimeout(next(handles[i].id for i, f, _ in armed if not f.done() or f.exception()),
+                              timeout) from None
+        finally:
+            for index, future, slot in armed:
+                self._settle(handles[index].id, future, slot)
+        return [output_of(handle.id, handle.ct, data, self._tensors)
+                for handle, data in zip(handles, arrived, strict=True) if data is not None]
 
     async def as_completed(
         self, handles: Sequence[Handle], timeout_s: float | None = None,

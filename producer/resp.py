@@ -42,13 +42,17 @@ class Commands:
 
     def add(self, *args: Arg) -> None:
         """Any command; its arguments as bytes (large ones kept by reference), str or int."""
-        parts = self._parts
-        parts.append(b"*%d\r\n" % len(args))
+        small: list[bytes | bytearray | memoryview] = [b"*%d\r\n" % len(args)]
         for arg in args:
             value = arg.encode() if isinstance(arg, str) else b"%d" % arg if isinstance(arg, int) else arg
-            parts.append(b"$%d\r\n" % len(value))
-            parts.append(value)
-            parts.append(b"\r\n")
+            if len(value) <= _INLINE:
+                small.append(b"$%d\r\n%s\r\n" % (len(value), value))
+            else:  # a large value is written from where it is: no copy into the command
+                small.append(b"$%d\r\n" % len(value))
+                self._parts.append(b"".join(small))
+                self._parts.append(value)
+                small = [b"\r\n"]
+        self._parts.append(b"".join(small))
         self._count += 1
 
     def mget(self, keys: list[bytes]) -> None:
