@@ -256,8 +256,7 @@ class ModelPipeline:
             await self.writer.dead_letter(dead, ErrorCode.BAD_REQUEST)
         if finished:
             await self.writer.write(finished)
-            self.served += len(finished)
-            self.metrics.answered(model, 0, (f.code for f in finished))
+            self._answered_alone(finished)
             for item in finished:
                 log.info("model %s request %s: answered %s before batching", model, item.request.id, item.code)
         self._wake.set()
@@ -315,8 +314,15 @@ class ModelPipeline:
         finished = [error(self.spec.id, r, ErrorCode.DEADLINE_EXCEEDED, _deadline_message(r, now, predicted))
                     for r in requests]
         await self.writer.write(finished)
+        self._answered_alone(finished)
+
+    def _answered_alone(self, finished: list[Finished]) -> None:
+        """Count error answers given without running (before batching, or expired while waiting)."""
         self.served += len(finished)
         self.metrics.answered(self.spec.id, 0, (f.code for f in finished))
+        done = now_ms()
+        self.stats.answered([done - (f.request.enqueued_ms or f.request.read_ms or done) for f in finished],
+                            len(finished))
 
     async def _execute(self, batch_id: str, requests: list[Request], reason: Reason, replica: Replica) -> None:
         counted = False
