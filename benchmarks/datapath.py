@@ -19,7 +19,6 @@ Redis, and Ray's own processes. The CPU per request is the number to drive down.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import multiprocessing
@@ -34,9 +33,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from benchmarks.support import redis_url
+from benchmarks.support import closed_loop_process, redis_url
 from manager.demo import start_manager, stop_manager
-from producer.aio import AsyncProducer
 from producer.codec import encode_value
 from producer.settings import RedisSettings
 from tests.procs import descendants
@@ -174,32 +172,6 @@ def raw_ceiling(url: str, size: int, seconds: float) -> dict[str, Any]:
 # -- nosq -------------------------------------------------------------------------------------------
 
 
-async def _closed_loop(url: str, shape: tuple[int, ...], seconds: float, window: int,
-                       chunk: int) -> tuple[int, float, float]:
-    x = np.ones(shape, dtype=np.float32)
-    done = 0
-    async with AsyncProducer(RedisSettings(url=url)) as producer:
-        for _ in range(3):  # warm-up
-            await producer.gather(await producer.submit_many("noop", [x] * chunk), timeout_s=60)
-        usage = os.times()
-        started = time.perf_counter()
-        stop_at = started + seconds
-        inflight: set[asyncio.Future[list[Any]]] = set()
-        while time.perf_counter() < stop_at or inflight:
-            while time.perf_counter() < stop_at and len(inflight) * chunk < window:
-                handles = await producer.submit_many("noop", [x] * chunk)
-                inflight.add(asyncio.ensure_future(producer.gather(handles, timeout_s=120)))
-            finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            done += sum(len(task.result()) for task in finished)
-        elapsed = time.perf_counter() - started
-        used = os.times()
-    return done, elapsed, used.user + used.system - usage.user - usage.system
-
-
-def _producer_process(args: tuple[str, tuple[int, ...], float, int, int]) -> tuple[int, float, float]:
-    return asyncio.run(_closed_loop(*args))
-
-
 @contextlib.contextmanager
 def manager(url: str, device: str, max_batch: int, extra: list[str]) -> Iterator[int]:
     config = Path(tempfile.mkdtemp()) / "datapath.toml"
@@ -223,7 +195,7 @@ def nosq_run(url: str, manager_pid: int, size: int, *, seconds: float, producers
     meter = CpuMeter({"manager": [manager_pid], "actor": actors, "redis": [redis_pid(url)], "ray": ray_other})
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(producers) as pool:
-        pending = pool.map_async(_producer_process, [(url, shape, seconds, window, chunk)] * producers)
+        pending = pool.map_async(closed_loop_process, [(url, "noop", shape, seconds, window, chunk)] * producers)
         time.sleep(1.0)  # the producers' start-up and warm-up are not measured on the server side
         meter.start()
         results = pending.get(timeout=seconds + 300)

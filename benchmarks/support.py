@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import shutil
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import redis
 from producer.aio import AsyncProducer
 from producer.settings import RedisSettings
 
-__all__ = ["closed_loop_throughput", "free_port", "redis_url"]
+__all__ = ["closed_loop", "closed_loop_process", "closed_loop_throughput", "free_port", "redis_url"]
 
 START_TIMEOUT_S = 10.0
 
@@ -68,27 +69,34 @@ def redis_url(url: str, server: str | None) -> Iterator[str]:
         process.wait(10)
 
 
-async def _closed_loop(url: str, model: str, shape: tuple[int, ...], seconds: float, window: int,  # noqa: PLR0917
-                       chunk: int) -> tuple[int, float]:
-    """Keep ``window`` requests in flight, submitted ``chunk`` at a time; return (done, elapsed)."""
+async def closed_loop(url: str, model: str, shape: tuple[int, ...], *, seconds: float, window: int,
+                      chunk: int) -> tuple[int, float, float]:
+    """Keep ``window`` requests in flight, submitted ``chunk`` at a time, for ``seconds`` (after a
+    short warm-up); return (answered, elapsed s, this process's CPU s meanwhile)."""
     x = np.ones(shape, dtype=np.float32)
     done = 0
     async with AsyncProducer(RedisSettings(url=url)) as producer:
+        for _ in range(3):  # warm-up
+            await producer.gather(await producer.submit_many(model, [x] * chunk), timeout_s=60)
+        usage = os.times()
         started = time.perf_counter()
         stop_at = started + seconds
-        inflight: set[asyncio.Task[list[Any]]] = set()
+        inflight: set[asyncio.Future[list[Any]]] = set()
         while time.perf_counter() < stop_at or inflight:
             while time.perf_counter() < stop_at and len(inflight) * chunk < window:
                 handles = await producer.submit_many(model, [x] * chunk)
                 inflight.add(asyncio.ensure_future(producer.gather(handles, timeout_s=120)))
             finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                done += len(task.result())
-        return done, time.perf_counter() - started
+            done += sum(len(task.result()) for task in finished)
+        elapsed = time.perf_counter() - started
+        used = os.times()
+    return done, elapsed, used.user + used.system - usage.user - usage.system
 
 
-def _producer_process(args: tuple[str, str, tuple[int, ...], float, int, int]) -> tuple[int, float]:
-    return asyncio.run(_closed_loop(*args))
+def closed_loop_process(args: tuple[Any, ...]) -> tuple[int, float, float]:
+    """:func:`closed_loop` in a process of its own: (url, model, shape, seconds, window, chunk)."""
+    url, model, shape, seconds, window, chunk = args
+    return asyncio.run(closed_loop(url, model, shape, seconds=seconds, window=window, chunk=chunk))
 
 
 def closed_loop_throughput(url: str, model: str, shape: tuple[int, ...], *, processes: int, seconds: float,
@@ -97,7 +105,7 @@ def closed_loop_throughput(url: str, model: str, shape: tuple[int, ...], *, proc
     requests in flight (submitted ``chunk`` at a time) for ``seconds``."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes) as pool:
-        results = pool.map(_producer_process, [(url, model, shape, seconds, window, chunk)] * processes)
+        results = pool.map(closed_loop_process, [(url, model, shape, seconds, window, chunk)] * processes)
     done = sum(r[0] for r in results)
     elapsed = max(r[1] for r in results)
     return done / elapsed

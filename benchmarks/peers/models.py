@@ -91,10 +91,11 @@ def resolve(model_id: str, *, device: str, threads: int | None, max_batch: int |
     from workers.profiler import ProfileOptions, device_kind, input_signature
 
     spec = served_spec(model_id, device=device, threads=threads, max_batch=given_batch or max_batch)
-    worker = ModelWorker(spec)  # sets this process's torch threads to the spec's, as the actor does
+    # sets this process's torch threads to the spec's, as the actor does
+    worker = ModelWorker(spec, local_channel=False)
     example = worker.example()
     shape = tuple(int(d) for d in example.shape)
-    key = profile_key(spec.id, device_kind(worker.device), input_signature(example))
+    key = profile_key(spec.id, device_kind(worker.runtime.device), input_signature(example))
     data: Any = client.get(key)
     if given_batch is None:
         stored = None

@@ -31,7 +31,6 @@ from chaos_support import (
     account,
     db7,
     model_workers,
-    ray_processes_of,
     redis_settings,
     results,
     wait_results,
@@ -39,6 +38,7 @@ from chaos_support import (
 )
 
 from producer import keys
+from tests.procs import ray_processes_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 
