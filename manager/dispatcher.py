@@ -298,10 +298,11 @@ _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b[^:
 
 def wants_gpu(spec: ModelSpec) -> bool:
     """The model runs on a GPU: its spec says cuda, or auto and the cluster has GPUs."""
-    return spec.device == "cuda" or (spec.device == "auto" and _cluster_gpus() > 0)
+    return spec.device == "cuda" or (spec.device == "auto" and cluster_gpus() > 0)
 
 
-def _cluster_gpus() -> float:
+def cluster_gpus() -> float:
+    """GPUs Ray counts in the cluster (0 without)."""
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     return resources.get("GPU", 0.0)
 

@@ -47,7 +47,7 @@ from typing import Any
 import redis.asyncio
 
 from manager import placement
-from manager.dispatcher import ReplicaPool, _cluster_gpus, start_failure, wants_gpu
+from manager.dispatcher import ReplicaPool, cluster_gpus, start_failure, wants_gpu
 from manager.pipeline import ModelPipeline
 from manager.profiles import ProfileRecord, decode, ensure_profile
 from manager.registry import ModelState, Outcome, Registry, RegistryError, ReservationLost
@@ -112,7 +112,7 @@ class Loader:
         settings = self._settings
         assert settings.cpu_budget_bytes is not None
         await self.registry.set_budget(settings.node, CPU_DEVICE, settings.cpu_budget_bytes)
-        if _cluster_gpus() > 0:
+        if cluster_gpus() > 0:
             import torch  # only where GPUs are: the manager itself runs no model
 
             if torch.cuda.is_available():

@@ -36,6 +36,9 @@ __all__ = ["ModelPipeline"]
 
 log = logging.getLogger(__name__)
 _batch_ids = itertools.count(1)
+# bytes one XREADGROUP should bring back at most: a read of hundreds of 512 KiB entries in one
+# reply stalls the event loop (and every other model's pipeline) while it is parsed
+READ_BYTES = 8 * 1024 * 1024
 
 
 class ModelPipeline:
@@ -77,6 +80,7 @@ class ModelPipeline:
         self.refused = 0
         self.dead_lettered = 0  # entries moved to the dead-letter stream for too many deliveries
         self._running: set[asyncio.Task[None]] = set()  # batch tasks of this model
+        self._entry_bytes = 0.0  # recent mean payload size (moving average): bounds a read in bytes
 
     def apply_profile(self, profile: Profile | None) -> None:
         """Serve with a measured profile: b* (never above max_batch) as the cap, its latency curve."""
@@ -135,7 +139,7 @@ class ModelPipeline:
                 continue
             try:
                 entries = await read_group(self._redis, group=keys.GROUP, consumer=consumer, stream=self.stream,
-                                           count=room, block_ms=self._settings.block_ms)
+                                           count=self._read_count(room), block_ms=self._settings.block_ms)
             except redis.ResponseError as exc:
                 if not _stream_gone(exc):
                     raise
@@ -213,6 +217,12 @@ class ModelPipeline:
         self.metrics.dead_letters.labels(model).inc(len(poison))
         self.dead_lettered += len(poison)
 
+    def _read_count(self, room: int) -> int:
+        """How many entries to ask for: ``room``, fewer when recent entries were large."""
+        if self._entry_bytes <= 0:
+            return room
+        return max(1, min(room, int(READ_BYTES // self._entry_bytes)))
+
     async def admit(self, entries: list[tuple[bytes, dict[bytes, bytes]]], *, deliveries: int) -> None:
         """Parse entries: good ones go to the batcher, bad ones get their error result now."""
         if deliveries > 1:  # re-read (recovery after a reconnect, a reclaim): skip what is held already
@@ -238,6 +248,7 @@ class ModelPipeline:
                 continue
             request.read_ms = now
             request.deliveries = deliveries
+            self._entry_bytes += 0.1 * (len(request.payload) - self._entry_bytes)
             limit = min(self._settings.max_payload_bytes, self._settings.max_batch_bytes)
             if request.method is not None and request.method not in self.spec.methods:
                 finished.append(error(model, request, ErrorCode.UNKNOWN_METHOD,

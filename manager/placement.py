@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["STEPS_PER_GPU", "Packing", "first_fit", "gpu_fraction", "gpu_steps", "pack"]
+__all__ = ["STEPS_PER_GPU", "Packing", "first_fit", "gpu_fraction", "gpu_steps", "pack", "shared_fraction"]
 
 STEPS_PER_GPU = 100  # num_gpus granularity: 0.01 of a GPU
 _MAX_STEPS = 10_000  # Ray keeps 4 decimals of a resource
@@ -42,6 +42,15 @@ def gpu_steps(nbytes: int, device_bytes: int, *, steps: int = STEPS_PER_GPU) -> 
 def gpu_fraction(nbytes: int, device_bytes: int, *, steps: int = STEPS_PER_GPU) -> float:
     """The ``num_gpus`` of an actor holding ``nbytes`` on a GPU of ``device_bytes``: (0, 1]."""
     return gpu_steps(nbytes, device_bytes, steps=steps) / steps
+
+
+def shared_fraction(replicas: int, gpus: float, *, steps: int = STEPS_PER_GPU) -> float:
+    """The ``num_gpus`` of each of ``replicas`` actors sharing ``gpus`` GPUs equally (no budget, so
+    no measured bytes: every GPU replica the config can start gets a place): (0, 1]."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
+    share = int(gpus * steps) // replicas
+    return min(max(share, 1), steps) / steps
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,9 @@ from typing import Any
 
 import redis.asyncio
 
-from manager import raycluster
+from manager import placement, raycluster
 from manager.control import ControlWorker
-from manager.dispatcher import ReplicaPool, start_failure
+from manager.dispatcher import ReplicaPool, cluster_gpus, start_failure, wants_gpu
 from manager.janitor import Janitor
 from manager.loader import Loader
 from manager.metrics import Metrics, MetricsServer
@@ -261,6 +261,7 @@ class Manager:
     async def _load_every_model(self) -> None:
         """Without a memory budget: start every model now; one that fails to load is tried again
         later (``_retry_load``) while the others serve."""
+        self._share_gpus()
         outcomes = await asyncio.gather(*(pool.start() for pool in self._pools.values()), return_exceptions=True)
         for (model, pool), outcome in zip(self._pools.items(), outcomes, strict=True):
             if isinstance(outcome, Exception):
@@ -271,6 +272,20 @@ class Manager:
                 log.warning("model %s: %s; serving eagerly", model, problem)
         for spec in self.config.models:  # one at a time: profiles measured side by side disturb each other
             self.profiles[spec.id] = None if spec.id in self.load_errors else await self._profile(spec.id)
+
+    def _share_gpus(self) -> None:
+        """Without a budget, the GPU models' replicas (up to each one's max_replicas) split the
+        cluster's GPUs equally: a whole GPU each would leave all but the first unplaced on a
+        one-GPU node, waiting for a GPU that never frees."""
+        gpu_pools = [pool for pool in self._pools.values() if wants_gpu(pool.spec)]
+        replicas = sum(pool.spec.replica_bounds[1] for pool in gpu_pools)
+        gpus = cluster_gpus()
+        if not gpu_pools or gpus <= 0:
+            return
+        share = placement.shared_fraction(replicas, gpus)
+        for pool in gpu_pools:
+            pool.gpu_share = share
+        log.info("%d GPU replica(s) share %g GPU(s): %.2f each", replicas, gpus, share)
 
     async def _profile(self, model: str) -> ProfileRecord | None:
         return await ensure_profile(self._client(), self._pools[model].spec, self._pools[model],

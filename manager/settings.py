@@ -39,7 +39,7 @@ class ManagerSettings(BaseModel):
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     unknown_scan_interval_s: float = Field(default=1.0, gt=0)
     max_payload_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
-    max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1, description="payload bytes of one batch")
+    max_batch_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="payload bytes of one batch")
     reply_maxlen: int = Field(default=100_000, ge=1000)
     ray_address: str | None = None
     ray_num_cpus: int | None = Field(default=None, ge=1)

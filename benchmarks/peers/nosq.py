@@ -9,6 +9,7 @@ its clients) and sends one request per call, as an application would.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ import numpy as np
 from benchmarks.peers.models import Target
 from producer import keys
 from producer.aio import AsyncProducer
+from producer.errors import NosqError
 from producer.settings import RedisSettings
 
 __all__ = ["NosqClient", "connect", "running", "settle"]
@@ -59,8 +61,14 @@ def running(targets: list[Target], settings: RedisSettings, *, ray_address: str 
     config = Path(tempfile.mkdtemp(prefix="nosq-peers-")) / "peers.toml"
     config.write_text(config_toml(targets))
     join = ["--ray-address", ray_address] if ray_address else []
-    process = start_manager(settings, "--config", str(config), "--log-level", "warning", "--metrics-port", "-1",
-                            *join, consumer="peers-bench")
+    log_path = config.with_name("manager.log")
+    with log_path.open("wb") as log:
+        try:
+            process = start_manager(settings, "--config", str(config), "--log-level", "info", "--metrics-port", "-1",
+                                    *join, consumer="peers-bench", log=log)
+        except NosqError:  # why it did not start is in its log
+            sys.stderr.write(log_path.read_text(errors="replace")[-8000:])
+            raise
     try:
         yield {"url": settings.url}
     finally:

@@ -9,6 +9,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from producer import resp
 from producer.resp import Commands, read_group
 from producer.settings import RedisSettings
 
@@ -78,3 +79,21 @@ def test_the_blocking_client_sends_the_same_way(redis_db: RedisSettings) -> None
         assert client.ping()  # the connection went back to the pool in a usable state
     finally:
         client.close()
+
+
+def test_pieces_keep_every_byte_in_order_and_bound_each_write() -> None:
+    parts: list[bytes | bytearray | memoryview] = [b"a" * 10, b"b" * (3 * resp.WRITE_PIECE + 7), b"c" * 5,
+                                                   b"d" * (resp.WRITE_PIECE - 3), b"e" * 4]
+    pieces = resp._pieces(parts)
+    assert b"".join(bytes(p) for piece in pieces for p in piece) == b"".join(parts)
+    assert all(sum(len(p) for p in piece) <= resp.WRITE_PIECE for piece in pieces)
+    assert resp._pieces([b"x", b"y"]) == [[b"x", b"y"]]
+
+
+async def test_a_pipeline_larger_than_a_piece_arrives_whole(db: redis.asyncio.Redis) -> None:
+    values = [bytes([i]) * (resp.WRITE_PIECE + 1000 * i) for i in range(1, 4)]
+    commands = Commands()
+    for i, value in enumerate(values):
+        commands.set_nx_ex(b"big:%d" % i, value, 60)
+    assert await commands.send(db) == [b"OK", b"OK", b"OK"]
+    assert await db.mget([b"big:0", b"big:1", b"big:2"]) == values

@@ -12,7 +12,8 @@ H100 = 80 * GIB
 
 
 def test_public_api() -> None:
-    assert set(placement.__all__) == {"STEPS_PER_GPU", "Packing", "first_fit", "gpu_fraction", "gpu_steps", "pack"}
+    assert set(placement.__all__) == {"STEPS_PER_GPU", "Packing", "first_fit", "gpu_fraction", "gpu_steps", "pack",
+                                      "shared_fraction"}
 
 
 def test_a_tiny_model_never_gets_zero_gpus() -> None:  # the NOS bug: int(bytes / total) == 0
@@ -87,3 +88,14 @@ def test_first_fit_for_one_model() -> None:
     assert first_fit(10, [10]) == 0
     assert first_fit(31, [5, 20, 30]) is None
     assert first_fit(0, []) is None
+
+
+def test_replicas_without_a_budget_share_the_gpus_and_all_fit() -> None:
+    assert placement.shared_fraction(1, 1.0) == 1.0
+    assert placement.shared_fraction(2, 1.0) == 0.5
+    assert placement.shared_fraction(3, 1.0) == 0.33  # 3 x 0.33 <= 1: every replica is placed
+    assert placement.shared_fraction(3, 2.0) == 0.66
+    assert placement.shared_fraction(1, 4.0) == 1.0  # one actor never asks for more than one GPU
+    assert placement.shared_fraction(500, 1.0) == 0.01  # never 0
+    with pytest.raises(ValueError, match="replicas must be >= 1"):
+        placement.shared_fraction(0, 1.0)
