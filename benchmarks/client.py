@@ -8,7 +8,7 @@ Measured in one run, side by side:
   ratio to the pairs/s above, and the client's CPU microseconds per request (user + system,
   ``getrusage(RUSAGE_SELF)`` deltas over the measured window: the client process only).
 
-The requests are served by a manager (``manager.demo.start_manager`` with a config holding only
+The requests are served by a manager (``manager.ops.demo.start_manager`` with a config holding only
 ``noop``), or with ``--no-manager`` by a tiny echo consumer in a separate process (XREADGROUP a
 batch, SET each envelope NX EX, XADD a notice to the reply stream, XACK + XDEL, as
 docs/protocol.md says), so the client's own cost shows without the manager's.
@@ -213,7 +213,7 @@ def run_infer(url: str, args: argparse.Namespace) -> dict[str, Any]:
             consumer.join(10)
         figures["echo_consumer_cpu_s_total"] = usage.value
         return figures
-    from manager.demo import start_manager, stop_manager
+    from manager.ops.demo import start_manager, stop_manager
     from producer import RedisSettings
 
     settings = RedisSettings(url=url)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.support import closed_loop_process, redis_url
-from manager.demo import start_manager, stop_manager
+from manager.ops.demo import start_manager, stop_manager
 from producer.settings import RedisSettings
 
 CONFIG = """

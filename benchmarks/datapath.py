@@ -34,7 +34,7 @@ import numpy as np
 import redis
 
 from benchmarks.support import closed_loop_process, redis_url
-from manager.demo import start_manager, stop_manager
+from manager.ops.demo import start_manager, stop_manager
 from producer.codec import encode_value
 from producer.settings import RedisSettings
 from tests.procs import descendants

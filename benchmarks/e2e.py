@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.support import closed_loop_throughput
-from manager.demo import start_manager, stop_manager
+from manager.ops.demo import start_manager, stop_manager
 from producer.aio import AsyncProducer
 from producer.settings import RedisSettings
 

@@ -201,7 +201,7 @@ def _profile_lengths(args: argparse.Namespace) -> dict[str, Any]:
     input: texts/s and tokens/s against batch size for texts of exactly each length."""
     import torch
 
-    from workers.curve import ProfileOptions
+    from workers.profiles.curve import ProfileOptions
     from workers.text import embedder, profile_lengths, tokens_per_s
 
     torch.set_num_threads(args.threads)
@@ -266,7 +266,7 @@ def nosq_config(bucketed: bool, corpus: Corpus, args: argparse.Namespace, batch:
 @contextmanager
 def _nosq(bucketed: bool, url: str, corpus: Corpus, args: argparse.Namespace, *, batch: int,
           logs: Path) -> Iterator[Client]:
-    from manager.demo import start_manager, stop_manager
+    from manager.ops.demo import start_manager, stop_manager
     from producer.aio import AsyncProducer
     from producer.settings import RedisSettings
 

@@ -27,8 +27,8 @@ from typing import Any
 import ray
 import torch
 
-from manager import raycluster
-from manager.placement import gpu_fraction, pack
+from manager.memory.placement import gpu_fraction, pack
+from manager.runtime import raycluster
 from workers.actor import ModelWorker
 from workers.demo import demo_config_path
 from workers.spec import load_config

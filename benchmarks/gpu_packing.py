@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.support import redis_url
-from manager.demo import start_manager, stop_manager
-from manager.registry import Registry
+from manager.memory.registry import Registry
+from manager.ops.demo import start_manager, stop_manager
 from producer import keys
 from producer.aio import AsyncProducer
 from producer.errors import NosqError

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from manager.demo import start_manager, stop_manager
+from manager.ops.demo import start_manager, stop_manager
 from producer import Producer, RedisSettings
 from tests.procs import ray_processes_of
 

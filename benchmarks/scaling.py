@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.support import closed_loop_throughput, redis_url
-from manager.demo import start_manager, stop_manager
-from manager.profiles import decode
+from manager.ops.demo import start_manager, stop_manager
+from manager.profiles.store import decode
 from producer import keys
 from producer.settings import RedisSettings
 from workers.spec import ModelSpec

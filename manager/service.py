@@ -3,7 +3,7 @@
 Shutdown is a state machine, RUNNING → DRAINING → STOPPED: a signal only asks for it; the
 drain stops reading, finishes what was read (bounded by ``shutdown_timeout_s``), and stops.
 
-At start each model gets its profile (``manager.profiles``): the stored one for its device kind
+At start each model gets its profile (``manager.profiles.store``): the stored one for its device kind
 and input signature, or one measured on its first replica (one model at a time, before any
 request is served, so the figures are not disturbed) and stored. Its batch cap is then b* and
 its latency(b) the profile's curve.
@@ -20,35 +20,36 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any
 
 import redis.asyncio
 
-from manager import raycluster
-from manager.control import ControlWorker
-from manager.dispatcher import ReplicaPool, start_failure
-from manager.janitor import Janitor
-from manager.loader import Loader
-from manager.metrics import Metrics, MetricsServer
-from manager.pipeline import ModelPipeline
-from manager.profiles import ProfileRecord, ensure_profile, profile_key
-from manager.registry import Registry
-from manager.resilience import LOST, RedisLink, RedisOutage, forever
-from manager.scaling import Scaling, check_config
+from manager.memory.loader import Loader
+from manager.memory.registry import Registry
+from manager.ops.control import ControlWorker
+from manager.ops.metrics import Metrics, MetricsServer
+from manager.profiles.store import ProfileRecord, ensure_profile, profile_key
+from manager.runtime import raycluster
+from manager.runtime.redislink import LOST, RedisLink, RedisOutage, forever
+from manager.scaling.loop import Scaling, check_config
+from manager.serving.janitor import Janitor
+from manager.serving.pipeline import ModelPipeline
+from manager.serving.replicas import ReplicaPool, start_failure
+from manager.serving.unserved import UnknownModels
 from manager.settings import ManagerSettings
-from manager.unknown import UnknownModels
 from producer import keys
 from producer.errors import NosqError
+from producer.settings import RedisSettings
 from producer.wire import now_ms
-from workers.curve import ProfileOptions
+from workers.profiles.curve import ProfileOptions
 from workers.spec import ServeConfig
 
 __all__ = ["Manager", "State"]
 
 log = logging.getLogger(__name__)
 #: redis-py retries a command this long itself (a dropped connection, a blip); a longer outage
-#: is the RedisLink's to wait out (manager.resilience)
+#: is the RedisLink's to wait out (manager.runtime.redislink)
 RECONNECT_IN_CALL_S = 2.0
 LOAD_RETRY_FIRST_S = 5.0  # a model whose load failed (no budget) is tried again after this, doubling
 LOAD_RETRY_MAX_S = 300.0
@@ -120,7 +121,7 @@ class Manager:
                                dispatch_attempts=settings.dispatch_attempts, local_channel=settings.local_channel)
             self._pools[spec.id] = pool
         on_demand = settings.cpu_budget_bytes is not None
-        if on_demand:  # models load when requests wait for them (manager.loader)
+        if on_demand:  # models load when requests wait for them (manager.memory.loader)
             self.registry = Registry(self._redis, owner=settings.consumer, policy=settings.eviction_policy)
             self.profiles.update(dict.fromkeys(self._pools))
         else:
@@ -136,7 +137,7 @@ class Manager:
         await self._publish_served()  # before reading: other managers must not answer unknown_model
         if self.registry is not None:
             for pipeline in self.pipelines.values():
-                pipeline.reading = False  # until it is loaded here
+                pipeline.hold()  # until it is loaded here
             self.loader = Loader(client=self._redis, settings=settings, registry=self.registry, pools=self._pools,
                                  pipelines=self.pipelines, profiles=self.profiles, spawn=self._spawn)
             await self.loader.setup()
@@ -144,7 +145,7 @@ class Manager:
         else:
             for model, pipeline in self.pipelines.items():
                 if model in self.load_errors:
-                    pipeline.reading = False  # its entries wait in the stream until it loads
+                    pipeline.hold()  # its entries wait in the stream until it loads
                     self._spawn_loop(lambda model=model: self._retry_load(model), f"load-{model}")  # type: ignore[misc]
                 else:
                     self._serve(model)
@@ -175,9 +176,7 @@ class Manager:
         if self.metrics_server is not None:
             await self.metrics_server.aclose()
         for pipeline in self.pipelines.values():
-            pipeline.reading = False
-            pipeline.draining = True
-            pipeline.wake()
+            pipeline.drain()
         # batches released while draining spawn tasks of their own: wait until none is left
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         still = {t for t in self._tasks if not t.done()}
@@ -206,7 +205,19 @@ class Manager:
         self.state = State.STOPPED
         log.info("manager %s stopped", self.settings.consumer)
 
-    # -- control plane (manager.control runs these as arq jobs) ------------------------------
+    # -- control plane (manager.ops.control runs these as arq jobs; ``Controllable``) -------------
+
+    @property
+    def consumer(self) -> str:
+        return self.settings.consumer
+
+    @property
+    def redis_settings(self) -> RedisSettings:
+        return self.settings.redis
+
+    @property
+    def served(self) -> Collection[str]:
+        return self.pipelines.keys()
 
     def _describe(self, model: str) -> dict[str, Any]:
         loaded = self.loader is None or model in self.loader.resident
@@ -314,7 +325,7 @@ class Manager:
             log.info("model %s: loaded after an earlier failure", model)
 
     def _spawn_loop(self, loop: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:
-        """A long-running loop that survives Redis restarts (manager.resilience)."""
+        """A long-running loop that survives Redis restarts (manager.runtime.redislink)."""
         return self._spawn(forever(loop, name, self.link), name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

@@ -3,10 +3,10 @@
 Only redis, msgpack and pydantic are required; numpy and torch are used when installed.
 """
 
-from producer._common import Handle
 from producer.aio import AsyncProducer
 from producer.client import Producer
 from producer.codec import RawTensor
+from producer.enqueue import Handle
 from producer.errors import (
     NosqConnectionError,
     NosqError,

@@ -11,7 +11,7 @@ from typing import Any
 import redis
 
 from producer import keys
-from producer._common import (
+from producer.enqueue import (
     ENQUEUE_BATCH_LUA,
     REPLY_BLOCK_MS,
     REPLY_COUNT,

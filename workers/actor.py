@@ -16,8 +16,8 @@ import socket
 from typing import Any
 
 from workers import channel
-from workers.curve import ProfileOptions
 from workers.datapath import BatchInput, BatchOutput
+from workers.profiles.curve import ProfileOptions
 from workers.spec import ModelSpec
 
 __all__ = ["ModelWorker"]

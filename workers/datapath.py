@@ -3,7 +3,7 @@
 This module is the map of the data path; the steps it does not do itself are named here with
 the place that does them.
 
-1. **Stream → manager** (``manager.pipeline``): ``XREADGROUP`` gives each entry's payload as
+1. **Stream → manager** (``manager.serving.pipeline``): ``XREADGROUP`` gives each entry's payload as
    ``bytes`` (hiredis copies it out of the socket once). The manager never decodes a payload.
 2. **Manager → replica, one buffer** (:func:`pack` here; ``workers.channel``): the payloads of
    a batch are written back to back into one buffer, with ``n + 1`` offsets. To a replica on
@@ -22,7 +22,7 @@ the place that does them.
    are the items is encoded with one vectorised copy (the msgpack header of one item is the
    same for every item); anything else item by item. The encoded outputs are written back to
    back into the replica's output segment (or returned as a numpy array through Ray).
-6. **Envelope and Redis, once per request** (``manager.results``): each request's envelope is
+6. **Envelope and Redis, once per request** (``manager.serving.results``): each request's envelope is
    its small header spliced before its encoded output (never re-encoded), written with one
    ``SET NX EX``; the reply-stream notice carries the envelope only when it is small
    (``ManagerSettings.reply_inline_bytes``), otherwise just the id.

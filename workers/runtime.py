@@ -36,7 +36,6 @@ from producer.wire import ErrorCode
 from workers.batching import OutputMismatch, collate, shape_groups, split, to_numpy
 from workers.channel import Stage
 from workers.compiling import CompiledModel
-from workers.curve import EXAMPLE_OPTION, ProfileError, ProfileOptions
 from workers.datapath import (
     Alloc,
     BatchInput,
@@ -47,7 +46,8 @@ from workers.datapath import (
     pack_outputs,
     uniform_tensors,
 )
-from workers.profiler import Profiler, device_kind, example_from_options, input_signature, weights_bytes
+from workers.profiles.curve import EXAMPLE_OPTION, ProfileError, ProfileOptions
+from workers.profiles.measure import Profiler, device_kind, example_from_options, input_signature, weights_bytes
 from workers.spec import ItemSchema, ModelSpec
 
 __all__ = ["ModelLoadError", "ModelRuntime"]
@@ -139,7 +139,7 @@ class ModelRuntime:
 
     def profile(self, max_batch: int | None = None, options: ProfileOptions | None = None) -> dict[str, Any]:
         """Sweep batch sizes up to ``max_batch`` (default and ceiling: the spec's) on this
-        process's device and choose b*: ``workers.curve.Profile.to_dict()``. The allocator's
+        process's device and choose b*: ``workers.profiles.curve.Profile.to_dict()``. The allocator's
         cache of the largest sizes tried is then given back: the process keeps what serving at b*
         needs, which is what the registry reserves for it."""
         with self._model_lock:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from producer.codec import DTYPES
 from producer.errors import NosqError
-from workers.curve import EXAMPLE_OPTION
+from workers.profiles.curve import EXAMPLE_OPTION
 
 __all__ = ["Bucketing", "ConfigError", "ItemSchema", "ModelSpec", "ServeConfig", "load_config"]
 
@@ -70,7 +70,7 @@ class ItemSchema(BaseModel):
 
 
 class Bucketing(BaseModel):
-    """Batches formed by length (``manager.batcher.LengthBuckets``), for models whose cost grows
+    """Batches formed by length (``manager.serving.batcher.LengthBuckets``), for models whose cost grows
     with the length of each item (text): a request's bucket is the smallest edge (in tokens) at
     or above its estimated token count, payload bytes / ``bytes_per_token`` (the manager never
     decodes a payload); a batch takes requests of the oldest request's bucket, then of the
@@ -119,7 +119,7 @@ class ModelSpec(BaseModel):
     # custom Ray resources each replica needs, e.g. {node_a = 1}: pins the model to the nodes
     # started with them (``ray start --resources``); placement only, not part of the fingerprint
     resources: dict[str, float] = Field(default_factory=dict)
-    # autoscaling (manager.autoscaler): on when max_replicas > min_replicas; both default to replicas.
+    # autoscaling (manager.scaling.policy): on when max_replicas > min_replicas; both default to replicas.
     # min_replicas = 0 (scale to zero) unloads the model when idle: it needs on-demand loading
     min_replicas: int | None = Field(default=None, ge=0)
     max_replicas: int | None = Field(default=None, ge=1)

@@ -345,11 +345,11 @@ def embedder(path: str | None = None, package: str | None = None, *, cuda_dtype:
 def profile_lengths(model: TextEmbedder, lengths: Sequence[int], *, max_batch: int, latency_budget_ms: float,
                     device: torch.device | None = None, options: Any = None, model_id: str = "text",
                     on_length: Callable[[int, dict[str, Any]], None] | None = None) -> dict[int, dict[str, Any]]:
-    """One profile (``workers.curve.Profile.to_dict()``) per text length in tokens: latency and
+    """One profile (``workers.profiles.curve.Profile.to_dict()``) per text length in tokens: latency and
     throughput against batch size for batches of texts of exactly that length, and b* for each.
-    ``options``: ``workers.curve.ProfileOptions``. Throughput per length bucket is each
+    ``options``: ``workers.profiles.curve.ProfileOptions``. Throughput per length bucket is each
     profile's best ``items_per_s`` (texts/s); tokens/s is that times the length."""
-    from workers.profiler import Profiler
+    from workers.profiles.measure import Profiler
 
     device = device or model._device()
     profiles: dict[int, dict[str, Any]] = {}

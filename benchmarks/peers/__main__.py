@@ -202,7 +202,7 @@ def _shared_ray(args: argparse.Namespace) -> Iterator[str | None]:
         return
     import ray
 
-    from manager.raycluster import connect, disconnect
+    from manager.runtime.raycluster import connect, disconnect
 
     # set before Ray starts: its worker processes (Serve's replicas, proxy, controller) take
     # the environment of the raylet, and import this package and the demo models

@@ -19,7 +19,7 @@ import numpy as np
 import redis
 
 import workers
-from workers.curve import EXAMPLE_OPTION
+from workers.profiles.curve import EXAMPLE_OPTION
 from workers.spec import ModelSpec, load_config
 
 if TYPE_CHECKING:
@@ -85,10 +85,10 @@ def input_items(shape: tuple[int, ...], n: int = N_ITEMS, seed: int = 0) -> list
 def resolve(model_id: str, *, device: str, threads: int | None, max_batch: int | None, given_batch: int | None,
             client: redis.Redis, quick: bool) -> Target:
     """The target for ``model_id``: b* from ``given_batch``, a stored profile, or a profile taken now."""
-    from manager.profiles import decode, profile_key, store_sync
+    from manager.profiles.store import decode, profile_key, store_sync
     from workers.actor import ModelWorker
-    from workers.curve import Profile, ProfileError
-    from workers.profiler import ProfileOptions, device_kind, input_signature
+    from workers.profiles.curve import Profile, ProfileError
+    from workers.profiles.measure import ProfileOptions, device_kind, input_signature
 
     spec = served_spec(model_id, device=device, threads=threads, max_batch=given_batch or max_batch)
     # sets this process's torch threads to the spec's, as the actor does

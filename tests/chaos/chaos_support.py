@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from manager.demo import start_manager, stop_manager
+from manager.ops.demo import start_manager, stop_manager
 from producer import NosqError, Producer, RedisSettings, keys
 from producer.wire import decode_envelope
 from tests.manager.harness import results

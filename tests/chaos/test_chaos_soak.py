@@ -15,8 +15,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from manager.demo import start_manager, stop_manager
-from manager.profiles import store
+from manager.ops.demo import start_manager, stop_manager
+from manager.profiles.store import store
 from producer import Producer, RedisSettings, keys
 from tests.registry.test_registry_manager import handmade_profile
 from workers.spec import ModelSpec

@@ -34,8 +34,9 @@ import ray
 import redis
 from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
-from manager import dispatcher, raycluster
-from manager.demo import start_manager, stop_manager
+from manager.ops.demo import start_manager, stop_manager
+from manager.runtime import raycluster
+from manager.serving import replicas as dispatcher
 from producer import Handle, NosqError, Producer, RedisSettings, keys
 from producer.aio import AsyncProducer
 from producer.wire import decode_envelope

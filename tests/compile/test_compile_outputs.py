@@ -89,7 +89,7 @@ def test_eager_status_and_untouched_model(cache: Path) -> None:
 
 
 def test_trace_profiles_the_traced_model(cache: Path) -> None:
-    from workers.profiler import ProfileOptions
+    from workers.profiles.measure import ProfileOptions
 
     worker = ModelWorker(_spec("mlp", "trace", cache))
     options = ProfileOptions(rounds=1, warmup=1, min_reps=2, max_reps=3, min_time_s=0.0, max_time_s=0.05)

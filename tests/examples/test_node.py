@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from producer import RedisSettings, keys
-from producer._common import ENQUEUE_LUA
 from producer.codec import DTYPES, decode_value, encode_value
+from producer.enqueue import ENQUEUE_LUA
 from producer.wire import encode_envelope, parse_request
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio
 import torch
 
-from manager.batcher import Reason
-from manager.demo import DEMO_INPUTS
+from manager.ops.demo import DEMO_INPUTS
+from manager.serving.batcher import Reason
 from producer import AsyncProducer
 from tests.manager.harness import config, manager_settings, redis_settings, running_manager, spec
 from workers import demo

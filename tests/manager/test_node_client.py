@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from manager.batcher import Reason
+from manager.serving.batcher import Reason
 from tests.manager.harness import REDIS_URL, config, manager_settings, running_manager, spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]

@@ -1,4 +1,4 @@
-"""The manager as its own process (``python -m manager.cli serve``): SIGKILL mid-load and a
+"""The manager as its own process (``python -m manager.ops.cli serve``): SIGKILL mid-load and a
 restart lose nothing; SIGTERM drains what was read and exits 0. Each manager starts its own
 Ray, which must go with it."""
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import redis
 
-from manager.demo import start_manager, stop_manager
+from manager.ops.demo import start_manager, stop_manager
 from producer import NosqError, Producer, keys
 from producer.wire import decode_envelope
 from tests.manager.harness import redis_settings, results

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from manager.resilience import RedisOutage
+from manager.runtime.redislink import RedisOutage
 from manager.service import Manager, State
 from producer import RedisSettings
 from tests.chaos.chaos_support import AofRedis

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from manager.demo import start_manager, stop_manager
+from manager.ops.demo import start_manager, stop_manager
 from producer import Producer, QueueFull, RedisSettings, keys
 
 URL = "redis://127.0.0.1:6379/4"

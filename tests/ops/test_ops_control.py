@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from manager.demo import start_manager, stop_manager
+from manager.ops.demo import start_manager, stop_manager
 from producer import Producer, RedisSettings
 
 URL = "redis://127.0.0.1:6379/5"
@@ -50,7 +50,7 @@ def manager(tmp_path: Path) -> Iterator[None]:
 
 
 def nosq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "manager.cli", "--redis-url", URL, "--log-level", "warning",
+    return subprocess.run([sys.executable, "-m", "manager.ops.cli", "--redis-url", URL, "--log-level", "warning",
                            "models", *args], capture_output=True, text=True, timeout=300, check=False)
 
 

@@ -28,7 +28,7 @@ EXPECTED_ALL = [
     "RedisSettings",
     "RemoteError",
 ]
-MODULES = ["keys", "codec", "wire", "errors", "settings", "_common", "client", "aio"]
+MODULES = ["keys", "codec", "wire", "errors", "settings", "enqueue", "client", "aio"]
 
 
 def test_public_names_are_exactly_these() -> None:

@@ -15,7 +15,8 @@ from producer_fakes import FakeManager
 
 import producer.aio
 from producer import AsyncProducer, Handle, NosqTimeout, Producer, QueueFull, RedisSettings, keys
-from producer._common import (
+from producer.codec import decode_envelope_value, decode_value, encode_value
+from producer.enqueue import (
     ENQUEUE_BATCH_LUA,
     ENQUEUE_BATCH_SHA,
     ENQUEUE_CHUNK,
@@ -26,7 +27,6 @@ from producer._common import (
     plan_calls,
     read_notices,
 )
-from producer.codec import decode_envelope_value, decode_value, encode_value
 from producer.resp import pack_command
 from producer.wire import encode_envelope, now_ms
 
@@ -120,7 +120,7 @@ async def test_several_models_and_options_in_one_round_trip(settings: RedisSetti
 
 async def test_a_script_call_is_bounded(settings: RedisSettings, manager: FakeManager,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(producer._common, "ENQUEUE_CHUNK", 40)
+    monkeypatch.setattr(producer.enqueue, "ENQUEUE_CHUNK", 40)
     async with AsyncProducer(settings) as p:
         trips = await spy_round_trips(p, monkeypatch)
         handles = await p.submit_many("echo", range(100))

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from manager.cli import main
-from manager.profiles import profile_key
+from manager.ops.cli import main
+from manager.profiles.store import profile_key
 from producer import RedisSettings
-from workers.curve import Profile
+from workers.profiles.curve import Profile
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.ray
 
 def nosq(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "manager.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "manager.ops.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=180, check=False)
 
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from manager.profiles import load, profile_key, store
+from manager.profiles.store import load, profile_key, store
 from manager.service import Manager
 from manager.settings import ManagerSettings
 from producer import RedisSettings, keys
 from producer.codec import encode_value
 from producer.wire import Envelope, decode_envelope, now_ms, request_fields
-from workers.curve import Plan, Point, Stop, assemble, batch_sizes
+from workers.profiles.curve import Plan, Point, Stop, assemble, batch_sizes
 from workers.spec import ModelSpec, ServeConfig
 
 pytestmark = pytest.mark.ray

@@ -9,8 +9,8 @@ import pytest
 import ray
 
 from workers.actor import ModelWorker
-from workers.curve import Profile, ProfileError
 from workers.demo import demo_config_path
+from workers.profiles.curve import Profile, ProfileError
 from workers.spec import ModelSpec, load_config
 
 MODELS = "tests.profiling.models"

@@ -19,7 +19,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from manager.registry import Outcome, Registry
+from manager.memory.registry import Outcome, Registry
 from producer import keys
 
 REGISTRY_DB = 13

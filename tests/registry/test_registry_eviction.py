@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from manager import eviction
-from manager.eviction import (
+from manager.memory import eviction
+from manager.memory.eviction import (
     MIB,
     MIN_READY_MS,
     POLICY_NAMES,

@@ -12,8 +12,8 @@ import random
 import pytest
 import redis.asyncio
 
-from manager.eviction import MIB, POLICY_NAMES, ModelState, Resident, choose_victims, policy
-from manager.registry import Outcome, Registry, Reservation, Victim
+from manager.memory.eviction import MIB, POLICY_NAMES, ModelState, Resident, choose_victims, policy
+from manager.memory.registry import Outcome, Registry, Reservation, Victim
 from producer import keys
 
 SUFFIXES = ["a", "A", "b", "B", "aa", "Ab", "_x", "-y", ".z", "0", "9", "Z"]

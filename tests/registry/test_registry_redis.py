@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 import redis.asyncio
 
-from manager import registry as registry_module
-from manager.eviction import MIN_READY_MS
-from manager.registry import (
+from manager.memory import registry as registry_module
+from manager.memory.eviction import MIN_READY_MS
+from manager.memory.registry import (
     EVENTS_CHANNEL,
     ModelState,
     Outcome,

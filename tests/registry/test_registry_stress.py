@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script by the test
     sys.path.insert(0, str(ROOT))
 
-from manager.registry import Outcome, Registry, ReservationLost  # noqa: E402
+from manager.memory.registry import Outcome, Registry, ReservationLost  # noqa: E402
 from producer import keys  # noqa: E402
 
 NODE = "n1"

@@ -34,7 +34,7 @@ from producer import (
     RemoteError,
     keys,
 )
-from producer._common import ENQUEUE_LUA, ENQUEUE_MANY_LUA
+from producer.enqueue import ENQUEUE_LUA, ENQUEUE_MANY_LUA
 from producer.wire import decode_envelope
 
 pytestmark = pytest.mark.integration

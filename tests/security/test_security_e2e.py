@@ -66,7 +66,7 @@ def test_real_manager_and_producer_with_least_privilege_over_tls(tmp_path: Path)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
             with manager_log.open("wb") as log:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "manager.cli", "serve", "--redis-url", url,
+                    [sys.executable, "-m", "manager.ops.cli", "serve", "--redis-url", url,
                      "--redis-username", "nosq-manager", "--redis-password", acl.passwords["manager"],
                      "--consumer", "security-e2e", "--config", str(config), "--log-level", "info"],
                     cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -1,4 +1,4 @@
-"""Batches by length (manager.batcher.LengthBuckets), pure, on a fake clock: requests of one
+"""Batches by length (manager.serving.batcher.LengthBuckets), pure, on a fake clock: requests of one
 length bucket leave together, the oldest request is always in the next batch, the token budget
 bounds size x longest bucket, neighbours fill a batch only when its bucket cannot."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from manager.batcher import Batcher, LatencyModel, LengthBuckets, Reason
+from manager.serving.batcher import Batcher, LatencyModel, LengthBuckets, Reason
 from producer.wire import Request
 from workers.spec import Bucketing, ConfigError, load_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from manager.results import BatchInfo, Successes, error
+from manager.serving.results import BatchInfo, Successes, error
 from producer.codec import encode_value
 from producer.wire import Request, decode_envelope
 

@@ -85,7 +85,7 @@ async def test_embeddings_through_a_manager(ray_repo: None, redis_db12: redis.as
 
 
 def nosq_models(url: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "manager.cli", "--log-level", "warning", "models", "--json",
+    done = subprocess.run([sys.executable, "-m", "manager.ops.cli", "--log-level", "warning", "models", "--json",
                            "--redis-url", url], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
     parsed: dict[str, Any] = json.loads(done.stdout)
     return parsed
@@ -117,7 +117,7 @@ async def test_a_broken_model_directory_fails_its_load_and_others_serve(
 
 
 def nosq_status(url: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "manager.cli", "--log-level", "warning", "status", "--json",
+    done = subprocess.run([sys.executable, "-m", "manager.ops.cli", "--log-level", "warning", "status", "--json",
                            "--redis-url", url], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
     parsed: dict[str, Any] = json.loads(done.stdout)
     return parsed

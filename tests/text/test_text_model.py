@@ -179,7 +179,7 @@ def test_runtime_ready_reports_a_token_signature(runtime: ModelRuntime) -> None:
 
 def test_profile_per_length_bucket(text_model: Any) -> None:
     """Throughput against batch size for texts of exactly each length, and b* for each."""
-    from workers.curve import ProfileOptions
+    from workers.profiles.curve import ProfileOptions
     from workers.text import profile_lengths, tokens_per_s
 
     quick = ProfileOptions(rounds=1, warmup=1, min_reps=2, max_reps=4, min_time_s=0.0, max_time_s=0.2)

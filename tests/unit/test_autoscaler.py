@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from manager.autoscaler import Autoscaler, Observation, ScalingPolicy, recommend
+from manager.scaling.policy import Autoscaler, Observation, ScalingPolicy, recommend
 from workers.spec import ModelSpec
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from manager.batcher import Batcher, LatencyModel
+from manager.serving.batcher import Batcher, LatencyModel
 from producer.wire import Request
 
 

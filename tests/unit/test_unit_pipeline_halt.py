@@ -18,8 +18,8 @@ from typing import Any
 import fakeredis
 import numpy as np
 
-from manager.dispatcher import Replica, ReplicaPool
-from manager.pipeline import ModelPipeline
+from manager.serving.pipeline import ModelPipeline
+from manager.serving.replicas import Replica, ReplicaPool
 from manager.settings import ManagerSettings
 from producer import keys
 from producer.codec import encode_value

@@ -86,7 +86,7 @@ def test_a_start_that_times_out_leaves_no_actor(ray_local: Any, monkeypatch: pyt
 
     from ray._private import state as ray_state
 
-    from manager import dispatcher
+    from manager.serving import replicas as dispatcher
 
     monkeypatch.setattr(dispatcher, "READY_TIMEOUT_S", 1.0)
     spec = ModelSpec(id="huge", factory="workers.demo:noop", device="cpu", num_cpus=64)
@@ -103,7 +103,7 @@ def test_stop_returns_once_the_actor_process_is_gone(ray_local: Any) -> None:
     """The registry releases a model's bytes after ``stop()``: its process must be gone by then."""
     import asyncio
 
-    from manager import dispatcher
+    from manager.serving import replicas as dispatcher
 
     spec = ModelSpec(id="mlp", factory="workers.demo:mlp", device="cpu", threads=1, num_cpus=0.25)
     pool = dispatcher.ReplicaPool(spec, inflight_per_replica=1, dispatch_attempts=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from manager.dispatcher import ReplicaPool
+from manager.serving.replicas import ReplicaPool
 from workers.spec import ConfigError, ModelSpec, load_config
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection
+from typing import Any, Protocol
 
 import redis
 from arq import create_pool
@@ -27,16 +28,38 @@ from arq.worker import Worker, func
 from producer.errors import NosqError, NosqTimeout
 from producer.settings import RedisSettings
 
-if TYPE_CHECKING:
-    from manager.service import Manager
-
-__all__ = ["CONTROL_QUEUE", "OPERATIONS", "ControlWorker", "arq_settings", "request"]
+__all__ = ["CONTROL_QUEUE", "OPERATIONS", "Controllable", "ControlWorker", "arq_settings", "request"]
 
 log = logging.getLogger(__name__)
 CONTROL_QUEUE = "nosq:control"
 KEEP_RESULT_S = 60
 JOB_TIMEOUT_S = 600
 OPERATIONS = ("load", "unload", "scale", "profile")
+
+
+class Controllable(Protocol):
+    """The actions the control plane runs on a manager (``manager.service.Manager`` is one).
+
+    This module depends on this protocol, not on the service: the service imports the control
+    plane, never the other way round.
+    """
+
+    @property
+    def consumer(self) -> str: ...
+
+    @property
+    def redis_settings(self) -> RedisSettings: ...
+
+    @property
+    def served(self) -> Collection[str]: ...
+
+    async def load_model(self, model: str) -> dict[str, Any]: ...
+
+    async def unload_model(self, model: str) -> dict[str, Any]: ...
+
+    async def scale_model(self, model: str, replicas: int) -> dict[str, Any]: ...
+
+    async def reprofile_model(self, model: str) -> dict[str, Any]: ...
 
 
 def arq_settings(settings: RedisSettings) -> ArqRedisSettings:
@@ -55,11 +78,11 @@ def arq_settings(settings: RedisSettings) -> ArqRedisSettings:
     return arq
 
 
-async def _manager_of(ctx: dict[str, Any], model: str) -> Manager:
-    manager: Manager = ctx["manager"]
-    if model not in manager.pipelines:
-        raise NosqError(f"model {model!r} is not served by manager {manager.settings.consumer}; "
-                        f"it serves: {', '.join(sorted(manager.pipelines))}")
+async def _manager_of(ctx: dict[str, Any], model: str) -> Controllable:
+    manager: Controllable = ctx["manager"]
+    if model not in manager.served:
+        raise NosqError(f"model {model!r} is not served by manager {manager.consumer}; "
+                        f"it serves: {', '.join(sorted(manager.served))}")
     return manager
 
 
@@ -82,7 +105,7 @@ async def profile(ctx: dict[str, Any], model: str) -> dict[str, Any]:
 class ControlWorker:
     """The arq worker a manager runs beside its pipelines."""
 
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Controllable) -> None:
         self._manager = manager
         self._worker = self._new_worker()
         self._task: asyncio.Task[Any] | None = None
@@ -92,7 +115,7 @@ class ControlWorker:
         return Worker(
             functions=[func(f, name=f.__name__, timeout=JOB_TIMEOUT_S, keep_result=KEEP_RESULT_S)
                        for f in (load, unload, scale, profile)],
-            redis_settings=arq_settings(manager.settings.redis), queue_name=CONTROL_QUEUE,
+            redis_settings=arq_settings(manager.redis_settings), queue_name=CONTROL_QUEUE,
             ctx={"manager": manager}, handle_signals=False, max_jobs=4, poll_delay=0.1, max_tries=3,
         )
 

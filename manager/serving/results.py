@@ -17,7 +17,7 @@ import msgpack
 import redis
 import redis.asyncio
 
-from manager.resilience import RedisLink, retrying
+from manager.runtime.redislink import RedisLink, retrying
 from producer import keys
 from producer.resp import Commands
 from producer.wire import PROTOCOL_VERSION, ErrorCode, Request, clip, encode_envelope, now_ms

@@ -58,7 +58,7 @@ def start_manager(settings: RedisSettings, *args: str, consumer: str = "demo",
     """Start ``nosq serve`` and wait until its heartbeat says it is running. ``env`` adds to
     this process's environment (e.g. ``CUDA_VISIBLE_DEVICES`` for one manager per GPU); ``log``
     receives its standard error (its log) instead of this process's."""
-    command = [sys.executable, "-m", "manager.cli", "--redis-url", settings.url, "serve", "--consumer", consumer,
+    command = [sys.executable, "-m", "manager.ops.cli", "--redis-url", settings.url, "serve", "--consumer", consumer,
                *args]
     process = subprocess.Popen(command, start_new_session=True, env={**os.environ, **(env or {})}, stderr=log)
     client = settings.client()

@@ -20,11 +20,11 @@ import redis
 import redis.asyncio
 from ray.exceptions import RayActorError, RayError
 
-from manager.batcher import LatencyModel
-from manager.dispatcher import ReplicaPool
+from manager.serving.batcher import LatencyModel
+from manager.serving.replicas import ReplicaPool
 from producer import keys
 from producer.errors import NosqError
-from workers.curve import Profile, ProfileError, ProfileOptions
+from workers.profiles.curve import Profile, ProfileError, ProfileOptions
 from workers.spec import ModelSpec
 
 __all__ = [

@@ -14,10 +14,10 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from manager import raycluster
+from manager.runtime import raycluster
 from producer.errors import NosqError
 from workers.actor import ModelWorker
-from workers.curve import Measurement, Plan, Profile, ProfileOptions, assemble, measurement_from_dict, sweep
+from workers.profiles.curve import Measurement, Plan, Profile, ProfileOptions, assemble, measurement_from_dict, sweep
 from workers.spec import ModelSpec
 
 __all__ = ["profile_in_actor"]

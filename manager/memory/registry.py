@@ -87,8 +87,8 @@ import redis
 import redis.asyncio
 from redis.commands.core import AsyncScript
 
-from manager import eviction
-from manager.eviction import LUA_CHOOSE_VICTIMS, EvictionPolicy, ModelState, Resident
+from manager.memory import eviction
+from manager.memory.eviction import LUA_CHOOSE_VICTIMS, EvictionPolicy, ModelState, Resident
 from producer import keys
 from producer.errors import NosqConnectionError, NosqError
 
@@ -193,7 +193,7 @@ class Eviction:
     candidates: tuple[Resident, ...]
 
     def policy_victims(self) -> tuple[str, ...]:
-        """The victims ``manager.eviction`` chooses from the same candidates: equal to ``victims``
+        """The victims ``manager.memory.eviction`` chooses from the same candidates: equal to ``victims``
         when the Lua mirror decided as the Python policy does."""
         chosen = eviction.choose_victims(self.candidates, self.need_bytes, eviction.policy(self.policy), self.at_ms)
         return tuple(r.model for r in chosen or ())
@@ -271,7 +271,7 @@ if used + nbytes <= budget then
   return {'reserved'}
 end
 
--- does not fit: what is draining frees soon; choose victims among the rest (manager/eviction.py)
+-- does not fit: what is draining frees soon; choose victims among the rest (manager/memory/eviction.py)
 local draining, cands = 0, {}
 for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   local f = redis.call('HMGET', prefix .. m, 'state', 'bytes', 'loaded_at', 'last_used', 'uses',

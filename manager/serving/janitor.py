@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.asyncio
 
-from manager.pipeline import ModelPipeline
+from manager.serving.pipeline import ModelPipeline, Phase
 from manager.settings import ManagerSettings
 from producer import keys
 
@@ -38,7 +38,7 @@ class Janitor:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             for pipeline in list(self._pipelines.values()):
-                if pipeline.reading and pipeline.recovered:  # else it would claim what recovery reads
+                if pipeline.phase is Phase.READING:  # not while recovery re-reads its own entries
                     try:
                         await self.refresh(pipeline)
                         await self.reclaim(pipeline)

@@ -1,7 +1,7 @@
 """Eviction policies: which resident models to evict, in order, so that a new one fits.
 
 Pure functions over plain records; no Redis. ``LUA_CHOOSE_VICTIMS`` is the same
-code in Lua, kept here beside it: the registry's reserve script (``manager/registry.py``) runs
+code in Lua, kept here beside it: the registry's reserve script (``manager/memory/registry.py``) runs
 it so that several managers decide atomically; ``tests/registry`` checks that both choose the
 same victims.
 

@@ -10,9 +10,9 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from manager.logs import configure
-from producer._common import redis_errors
+from manager.ops.logs import configure
 from producer.codec import tensor_parts
+from producer.enqueue import redis_errors
 from producer.errors import NosqError, NosqTimeout
 from producer.settings import RedisSettings
 
@@ -233,7 +233,7 @@ def run_on_fast_loop(main: Coroutine[Any, Any, None]) -> None:
 def _status(args: argparse.Namespace) -> int:
     import time
 
-    from manager.status import collect, render
+    from manager.ops.status import collect, render
 
     client = redis_settings(args).client()
     try:
@@ -254,8 +254,8 @@ def _status(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     import redis
 
-    from manager.registry import Registry
-    from manager.status import autoscaling, heartbeats
+    from manager.memory.registry import Registry
+    from manager.ops.status import autoscaling, heartbeats
 
     if args.action:
         return _control(args)
@@ -285,7 +285,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _control(args: argparse.Namespace) -> int:
-    from manager.control import request
+    from manager.ops.control import request
 
     wanted = 2 if args.action == "scale" else 1
     if len(args.target) != wanted:
@@ -384,7 +384,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from manager.demo import run_demo
+    from manager.ops.demo import run_demo
 
     code: int = run_demo(redis_settings(args), requests=args.requests, concurrency=args.concurrency)
     return code
@@ -393,11 +393,11 @@ def _demo(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     import redis
 
-    from manager.profile_report import ProgressBar, format_table, write_plot
-    from manager.profiles import store_sync
-    from manager.profiling import profile_in_actor
-    from workers.curve import ProfileOptions
+    from manager.profiles.report import ProgressBar, format_table, write_plot
+    from manager.profiles.standalone import profile_in_actor
+    from manager.profiles.store import store_sync
     from workers.demo import demo_config_path
+    from workers.profiles.curve import ProfileOptions
     from workers.spec import load_config
 
     config = load_config(args.config or demo_config_path())

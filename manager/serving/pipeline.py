@@ -8,6 +8,7 @@ results, acks its entries). Nothing here sleeps to poll: waits are on events wit
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import logging
 from collections.abc import Callable, Coroutine
@@ -16,26 +17,36 @@ from typing import Any
 import redis.asyncio
 from ray.exceptions import RayError
 
-from manager.batcher import Batcher, LatencyModel, LengthBuckets, Reason
-from manager.dispatcher import Replica, ReplicaPool
-from manager.metrics import Metrics
-from manager.profiles import latency_model
-from manager.registry import Registry
-from manager.resilience import RedisLink, retrying
-from manager.results import BatchInfo, Finished, ResultWriter, Successes, error
+from manager.memory.registry import Registry
+from manager.ops.metrics import Metrics
+from manager.profiles.store import latency_model
+from manager.runtime.redislink import RedisLink, retrying
+from manager.serving.batcher import Batcher, LatencyModel, LengthBuckets, Reason
+from manager.serving.replicas import Replica, ReplicaPool
+from manager.serving.results import BatchInfo, Finished, ResultWriter, Successes, error
+from manager.serving.traffic import RollingStats
 from manager.settings import ManagerSettings
-from manager.stats import RollingStats
 from producer import keys
 from producer.resp import Commands, read_group
 from producer.wire import BadEntry, ErrorCode, Request, clip, now_ms, parse_request
 from workers.channel import ChannelError
-from workers.curve import Profile
+from workers.profiles.curve import Profile
 from workers.spec import ModelSpec
 
-__all__ = ["ModelPipeline"]
+__all__ = ["ModelPipeline", "Phase"]
 
 log = logging.getLogger(__name__)
 _batch_ids = itertools.count(1)
+
+
+class Phase(enum.Enum):
+    """A pipeline's lifecycle: ``RECOVERING → READING → DRAINING``, ``HELD`` until loaded here;
+    ``resume`` starts again at ``RECOVERING`` after a (re)load."""
+
+    HELD = "held"  # not read: the model is not loaded here (yet); its entries wait in the stream
+    RECOVERING = "recovering"  # the read loop first re-reads this consumer's own pending entries
+    READING = "reading"  # reading new entries; the janitor reclaims for it only now
+    DRAINING = "draining"  # stopped reading: what was read is released, then the loops end
 
 
 class ModelPipeline:
@@ -66,10 +77,8 @@ class ModelPipeline:
         self._room = asyncio.Event()  # the batcher made room for prefetch
         self._inflight_items = 0
         self._batches: dict[str, tuple[int, list[Request]]] = {}  # batch id -> (started ms, requests)
-        self.reading = True
+        self._phase = Phase.RECOVERING
         self._reader_running = False  # the batch loop outlives the read loop: it drains what that read last
-        self.recovered = False  # own pending entries re-read after a restart (the janitor waits for it)
-        self.draining = False
         self.served = 0
         # with a registry (a memory budget): each batch is counted in flight there, and refused
         # while the model is draining; its entries then stay pending, re-read on the next load
@@ -84,6 +93,15 @@ class ModelPipeline:
             return
         self.batcher.latency = latency_model(profile)
         self.batcher.cap = max(1, min(profile.best_batch, self.spec.max_batch))
+
+    @property
+    def phase(self) -> Phase:
+        """Where this pipeline is in its life; changed only by its own methods."""
+        return self._phase
+
+    @property
+    def _reading(self) -> bool:
+        return self._phase in (Phase.RECOVERING, Phase.READING)
 
     def wake(self) -> None:
         """Make the batch loop look again (new work, a free slot, or shutdown)."""
@@ -127,7 +145,7 @@ class ModelPipeline:
         await self.ensure_group()
         await self._recover_own_pending()
         consumer = self._settings.consumer
-        while self.reading:
+        while self._reading:
             room = self.prefetch_limit - len(self.batcher) - self._inflight_items
             if room <= 0:
                 self._room.clear()
@@ -156,7 +174,8 @@ class ModelPipeline:
             last = entries[-1][0].decode()
             recovered += len(entries)
             await self.admit_redelivered(entries)
-        self.recovered = True
+        if self._phase is Phase.RECOVERING:  # not if halted meanwhile
+            self._phase = Phase.READING
         if recovered:
             log.info("model %s: recovered %d pending entries of consumer %s", self.spec.id, recovered, consumer)
 
@@ -268,7 +287,7 @@ class ModelPipeline:
         stopped, until the read loop has ended and everything it read is released."""
         pool = self._pool
         while True:
-            if not self.reading and not self._reader_running and not len(self.batcher):
+            if not self._reading and not self._reader_running and not len(self.batcher):
                 return
             now = now_ms()
             expired, expiry_ms = self.batcher.expire(now)
@@ -278,7 +297,8 @@ class ModelPipeline:
             replica = pool.free()
             reason, wait_ms = None, expiry_ms
             if replica is not None:
-                reason, decide_ms = self.batcher.decide(now, idle_replica=pool.idle(), draining=self.draining)
+                reason, decide_ms = self.batcher.decide(now, idle_replica=pool.idle(),
+                                                      draining=self._phase is Phase.DRAINING)
                 wait_ms = min(wait_ms, decide_ms)
             if replica is None or reason is None:
                 self._wake.clear()  # no await since the decision: nothing can have been missed
@@ -294,18 +314,23 @@ class ModelPipeline:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    def hold(self) -> None:
+        """Do not read (the model is not loaded here): its entries wait in the stream."""
+        self._phase = Phase.HELD
+
     def resume(self) -> None:
         """Serve again after a (re)load: the caller spawns ``read_loop`` and ``batch_loop``."""
-        self.reading = True
-        self.draining = False
-        self.recovered = False  # the read loop re-reads this consumer's pending entries first
+        self._phase = Phase.RECOVERING  # the read loop re-reads this consumer's pending entries first
+
+    def drain(self) -> None:
+        """Stop reading; the batch loop releases what was read, then ends."""
+        self._phase = Phase.DRAINING
+        self.wake()
 
     async def halt(self) -> None:
-        """Stop reading and wait until the batches already taken have ended (the caller waits for
-        its ``read_loop``/``batch_loop`` tasks too)."""
-        self.reading = False
-        self.draining = True
-        self.wake()
+        """Drain and wait until the batches already taken have ended (the caller waits for its
+        ``read_loop``/``batch_loop`` tasks too)."""
+        self.drain()
         while self._running:
             await asyncio.gather(*list(self._running), return_exceptions=True)
 

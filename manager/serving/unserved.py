@@ -16,8 +16,8 @@ from typing import Any, Final
 
 import redis.asyncio
 
-from manager.resilience import RedisLink
-from manager.results import ResultWriter, error
+from manager.runtime.redislink import RedisLink
+from manager.serving.results import ResultWriter, error
 from manager.settings import ManagerSettings
 from producer import keys
 from producer.wire import MODEL_ID_RE, BadEntry, ErrorCode, Request, clip, now_ms, parse_request
