@@ -81,7 +81,7 @@ def chosen_batch(settings: RedisSettings, model: str) -> int | None:
     """b* from the profile the manager stored (None without one)."""
     client = settings.client()
     try:
-        for key in client.scan_iter(match=keys.registry(f"profile:{model}:*"), count=100):
+        for key in client.scan_iter(match=keys.registry_profile(model, "*", "*"), count=100):
             data: Any = client.get(key)
             if data is not None:
                 return decode(data).best_batch

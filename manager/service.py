@@ -452,7 +452,7 @@ class Manager:
         """Record the models this manager serves, each until its heartbeat would lapse."""
         await self._publish_admission()
         expires = now_ms() + self.settings.heartbeat_ttl_s * 1000
-        await self._client().hset(keys.registry("served"), mapping=dict.fromkeys(self.pipelines, expires))  # type: ignore[misc]
+        await self._client().hset(keys.registry_served(), mapping=dict.fromkeys(self.pipelines, expires))  # type: ignore[misc]
 
     async def _heartbeat(self) -> None:
         """Say this manager is alive, and which models it serves (until when)."""

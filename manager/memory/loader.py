@@ -69,7 +69,7 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 async def model_bytes(client: redis.asyncio.Redis, spec: ModelSpec, device_kind: str, default_per_replica: int) -> int:
     """Bytes to reserve for all of ``spec``'s replicas (see the module docstring)."""
     best = -1
-    pattern = keys.registry(f"profile:{spec.id}:{device_kind}:*")
+    pattern = keys.registry_profile(spec.id, device_kind, "*")
     async for key in client.scan_iter(match=pattern, count=100):
         data = await client.get(key)
         if data is None:

@@ -56,7 +56,7 @@ One ``Registry(client, owner=consumer, policy=settings_name)`` per manager proce
 Events are published on ``EVENTS_CHANNEL`` as ``"<state> <model>"`` each time a model enters
 a state (``parse_event`` reads them), so waiting needs no polling.
 
-Keys (all from ``producer.keys.registry``)::
+Keys (each from its ``producer.keys.registry_*`` helper)::
 
     nosq:registry:model:<model>               hash: state node device bytes owner replicas
                                               inflight uses load_ms loaded_at last_used backlog
@@ -107,13 +107,13 @@ __all__ = [
     "parse_event",
 ]
 
-EVENTS_CHANNEL = keys.registry("events")
-_MODEL = keys.registry("model:")
-_DEVICE = keys.registry("device:")
-_RESIDENT = keys.registry("resident:")
-_MODELS = keys.registry("models")
-_DEVICES = keys.registry("devices")
-_EVICTIONS = keys.registry("evictions")
+EVENTS_CHANNEL = keys.registry_events()
+_MODEL = keys.registry_model("")
+_DEVICE = keys.registry_device("")
+_RESIDENT = keys.registry_resident("")
+_MODELS = keys.registry_models()
+_DEVICES = keys.registry_devices()
+_EVICTIONS = keys.registry_evictions()
 EVICTIONS_KEPT = 1000  # the eviction log keeps about this many decisions (XADD MAXLEN ~)
 
 _MODEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$", re.ASCII)

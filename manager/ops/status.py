@@ -57,10 +57,10 @@ def collect(client: redis.Redis) -> dict[str, Any]:
         for model in beat.get("models", []):
             models.setdefault(model, {"model": model, "managers": [beat["consumer"]], "req_per_s": 0.0, "served": 0})
     registry: dict[str, dict[str, Any]] = {}
-    for key in client.scan_iter(match=keys.registry("model:*"), count=500):
+    for key in client.scan_iter(match=keys.registry_model("*"), count=500):
         fields: Any = client.hgetall(key)
         record = {k.decode(): v.decode() for k, v in fields.items()}
-        registry[key.decode().rsplit(":", 1)[-1]] = record
+        registry[key.decode().removeprefix(keys.registry_model(""))] = record
     pipe = client.pipeline(transaction=False)
     names = sorted(models)
     for model in names:
@@ -76,9 +76,9 @@ def collect(client: redis.Redis) -> dict[str, Any]:
             row["state"] = registry[model].get("state", "")
             row["resident_mib"] = round(int(registry[model].get("bytes", 0) or 0) / 2**20, 1)
     devices = []
-    members: Any = client.smembers(keys.registry("devices"))
+    members: Any = client.smembers(keys.registry_devices())
     for label in sorted(m.decode() for m in members):
-        raw_device: Any = client.hgetall(keys.registry("device:") + label)
+        raw_device: Any = client.hgetall(keys.registry_device(label))
         device = {k.decode(): v.decode() for k, v in raw_device.items()}
         devices.append({"device": label, "budget_mib": round(int(device.get("budget_bytes", 0)) / 2**20, 1),
                         "used_mib": round(int(device.get("used_bytes", 0)) / 2**20, 1)})

@@ -45,7 +45,7 @@ PROFILE_TIMEOUT_S = 900.0
 
 def profile_key(model: str, device_kind: str, signature: str) -> str:
     """Where the profile of ``model`` on ``device_kind`` for ``signature`` inputs is stored."""
-    return keys.registry(f"profile:{model}:{device_kind}:{signature}")
+    return keys.registry_profile(model, device_kind, signature)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,7 +68,7 @@ class UnknownModels:
             if model in self._served:
                 continue
             if served_elsewhere is None:  # models other live managers serve (their heartbeats)
-                served_elsewhere = await self._redis.hgetall(keys.registry("served"))  # type: ignore[misc]
+                served_elsewhere = await self._redis.hgetall(keys.registry_served())  # type: ignore[misc]
             expires = served_elsewhere.get(match.group(1))
             if expires is None or int(expires) < now_ms():
                 answered += await self._answer(key, model)
