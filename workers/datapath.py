@@ -42,6 +42,7 @@ import msgpack
 import numpy as np
 
 from producer.codec import DTYPES
+from producer.wire import ErrorCode
 
 __all__ = [
     "Alloc",
@@ -101,7 +102,7 @@ class BatchOutput:
 
     buffer: Any  # np.ndarray (through Ray) or a memoryview of a shared-memory segment
     offsets: Offsets
-    failures: dict[int, tuple[str, str]] = field(default_factory=dict)
+    failures: dict[int, tuple[ErrorCode, str]] = field(default_factory=dict)
     not_run: frozenset[int] = frozenset()
     exec_ms: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
@@ -129,7 +130,7 @@ class ItemResult:
 
     ok: bool
     out: bytes = b""
-    code: str = ""
+    code: ErrorCode | None = None
     message: str = ""
 
 

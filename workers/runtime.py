@@ -221,7 +221,7 @@ class ModelRuntime:
         if batch.method not in spec.methods or not callable(getattr(self.model, batch.method, None)):
             message = f"model {spec.id!r} has no method {batch.method!r}; allowed: {', '.join(spec.methods)}"
             return BatchOutput(alloc(0), np.zeros(n + 1, np.int64),
-                               dict.fromkeys(range(n), (str(ErrorCode.UNKNOWN_METHOD), message)),
+                               dict.fromkeys(range(n), (ErrorCode.UNKNOWN_METHOD, message)),
                                frozenset(range(n)))
         stage(Stage.DECODING)
         clock = _Clock()
@@ -275,7 +275,7 @@ class ModelRuntime:
                 value = decode_value(batch.ct(index), batch.item(index))
                 runner.inputs[index] = value if schema is None else _conform(self.spec.id, value, schema)
             except Exception as exc:  # ProtocolError by contract; any other failure is the same to the client
-                runner.fail([index], str(ErrorCode.BAD_REQUEST), _message(exc), ran=False)
+                runner.fail([index], ErrorCode.BAD_REQUEST, _message(exc), ran=False)
 
     def _staging(self) -> _Staging:
         staging: _Staging | None = getattr(self._local, "staging", None)
@@ -387,7 +387,7 @@ class _Runner:
         self.rows: np.ndarray[Any, Any] | None = None
         self.outputs: list[Any] = [None] * n
         self.whole: np.ndarray[Any, Any] | None = None
-        self.failures: dict[int, tuple[str, str]] = {}
+        self.failures: dict[int, tuple[ErrorCode, str]] = {}
         self.not_run: set[int] = set()
         self.exec_ms = 0.0
         self._device_rows: torch.Tensor | None = None
@@ -399,7 +399,7 @@ class _Runner:
     def pending(self) -> list[int]:
         return [i for i in range(self.n) if i not in self.failures]
 
-    def fail(self, indices: list[int], code: str, message: str, *, ran: bool = True) -> None:
+    def fail(self, indices: list[int], code: ErrorCode, message: str, *, ran: bool = True) -> None:
         for index in indices:
             self.failures[index] = (code, message)
             if not ran:
@@ -440,7 +440,7 @@ class _Runner:
                 return
             outcome = self._split(raw, len(indices))
             if isinstance(outcome, OutputMismatch):
-                self.fail(indices, str(ErrorCode.OUTPUT_MISMATCH), str(outcome))
+                self.fail(indices, ErrorCode.OUTPUT_MISMATCH, str(outcome))
             else:
                 for index, value in zip(indices, outcome, strict=True):
                     self.outputs[index] = value
@@ -454,7 +454,7 @@ class _Runner:
             for group in shape_groups([self.inputs[i] for i in indices]):
                 self.run([indices[g] for g in group])
         elif len(indices) == 1:
-            self.fail(indices, str(ErrorCode.MODEL_ERROR), _message(error))
+            self.fail(indices, ErrorCode.MODEL_ERROR, _message(error))
         else:
             half = len(indices) // 2
             self.run(indices[:half])
@@ -474,7 +474,7 @@ class _Runner:
         finally:
             self.exec_ms += (time.perf_counter() - start) * 1000.0
         if isinstance(outcome, OutputMismatch):
-            self.fail(indices, str(ErrorCode.OUTPUT_MISMATCH), str(outcome))
+            self.fail(indices, ErrorCode.OUTPUT_MISMATCH, str(outcome))
             return
         for index, value in zip(indices, outcome, strict=True):
             self.outputs[index] = value
@@ -516,7 +516,7 @@ class _Runner:
             try:
                 items.append(encode_value(batch.ct(index), self.outputs[index]))
             except Exception as exc:  # ProtocolError by contract; whatever else, only this item fails
-                self.failures[index] = (str(ErrorCode.BAD_OUTPUT), _message(exc))
+                self.failures[index] = (ErrorCode.BAD_OUTPUT, _message(exc))
                 items.append(b"")
         buffer, offsets = pack_outputs(items, alloc)
         return BatchOutput(buffer, offsets, dict(self.failures), frozenset(self.not_run))

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from producer.errors import NosqError
+
 __all__ = [
     "Pooling",
     "TextEmbedder",
@@ -71,7 +73,7 @@ _POOLING_TYPE = "sentence_transformers.models.Pooling"
 _TRANSFORMER_TYPE = "sentence_transformers.models.Transformer"
 
 
-class TextModelError(ValueError):
+class TextModelError(NosqError, ValueError):
     """A model directory that cannot be used (missing, incomplete, or an unsupported layout).
     ``workers.runtime`` reports it as the model's ``ModelLoadError``."""
 

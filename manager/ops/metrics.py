@@ -15,6 +15,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from producer.wire import ErrorCode
+
 __all__ = ["Metrics", "MetricsServer"]
 
 log = logging.getLogger(__name__)
@@ -57,12 +59,12 @@ class Metrics:
         self.exec_ms.labels(model).observe(exec_ms)
         _observe_many(self.queue_wait.labels(model), waits_ms)
 
-    def answered(self, model: str, ok: int, errors: Iterable[str]) -> None:
+    def answered(self, model: str, ok: int, errors: Iterable[ErrorCode]) -> None:
         if ok:
             self.requests.labels(model, "ok").inc(ok)
         for code in errors:
             self.requests.labels(model, "error").inc()
-            self.errors.labels(model, code).inc()
+            self.errors.labels(model, str(code)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -344,7 +344,7 @@ class ModelPipeline:
     def _answered_alone(self, finished: list[Finished]) -> None:
         """Count error answers given without running (before batching, or expired while waiting)."""
         self.served += len(finished)
-        self.metrics.answered(self.spec.id, 0, (f.code for f in finished))
+        self.metrics.answered(self.spec.id, 0, (f.code for f in finished if f.code))
         done = now_ms()
         self.stats.answered([done - (f.request.enqueued_ms or f.request.read_ms or done) for f in finished],
                             len(finished))

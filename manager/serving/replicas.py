@@ -215,7 +215,7 @@ class ReplicaPool:
                 replica.calls.remove(token)
         if len(payloads) == 1:
             message = f"the worker process died {self._attempts} times running this input"
-            return BatchOutput(b"", np.zeros(2, np.int64), {0: (str(ErrorCode.WORKER_DIED), message)})
+            return BatchOutput(b"", np.zeros(2, np.int64), {0: (ErrorCode.WORKER_DIED, message)})
         half = len(payloads) // 2
         left = _owned(await self._run(replica, lease, method, _part(cts, 0, half), payloads[:half]))
         right = _owned(await self._run(replica, lease, method, _part(cts, half, None), payloads[half:]))

@@ -48,7 +48,7 @@ class Finished:
 
     request: Request
     envelope: bytes
-    code: str = ""  # the error code; "" when the request succeeded
+    code: ErrorCode | None = None  # None when the request succeeded
 
 
 class Successes:
@@ -100,12 +100,12 @@ class Successes:
         return parts
 
 
-def error(model: str, request: Request, code: ErrorCode | str, message: str,
+def error(model: str, request: Request, code: ErrorCode, message: str,
           batch: BatchInfo | None = None) -> Finished:
     header = _header(model, request, batch)
     header["ok"] = False
     header["err"] = {"code": str(code), "message": message}
-    return Finished(request, encode_envelope(request.ct, header), str(code))
+    return Finished(request, encode_envelope(request.ct, header), code)
 
 
 def _header(model: str, request: Request, batch: BatchInfo | None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from producer.codec import decode_value, encode_value
+from producer.wire import ErrorCode
 from workers.datapath import batch_of
 from workers.runtime import ModelLoadError, ModelRuntime
 from workers.spec import ModelSpec
@@ -169,7 +170,7 @@ def test_a_bad_item_fails_alone(runtime: ModelRuntime) -> None:
     payloads = [encode_value("msgpack", "fine"), msgpack.packb(["a", "list"]), encode_value("msgpack", "also fine")]
     output = runtime.run_batch(batch_of("forward", "msgpack", payloads))
     assert set(output.failures) == {1}
-    assert output.failures[1][0] == "model_error" and "one string per request" in output.failures[1][1]
+    assert output.failures[1][0] is ErrorCode.MODEL_ERROR and "one string per request" in output.failures[1][1]
     assert [len(decode_value("msgpack", output.items()[i].out)) for i in (0, 2)] == [384, 384]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from producer.wire import ErrorCode
 from workers import channel
 from workers.channel import ChannelClient, ChannelError, ChannelLost, ChannelServer, Stage
 from workers.datapath import Alloc, BatchInput, BatchOutput, pack_outputs
@@ -30,7 +31,7 @@ def reverse(batch: BatchInput, stage: Callable[[Stage], None], alloc: Alloc) -> 
         raise RuntimeError("the handler broke")
     stage(Stage.IN_MODEL)
     items = [batch.item(i)[::-1] for i in range(len(batch))]
-    failures = {i: ("model_error", "boom") for i, item in enumerate(items) if item == b"moob"}
+    failures = {i: (ErrorCode.MODEL_ERROR, "boom") for i, item in enumerate(items) if item == b"moob"}
     buffer, offsets = pack_outputs([b"" if i in failures else item for i, item in enumerate(items)], alloc)
     return BatchOutput(buffer, offsets, failures, exec_ms=0.5, stages={"model": 0.5})
 
@@ -53,7 +54,8 @@ def test_a_batch_round_trip(server: ChannelServer) -> None:
 
     outs, output, stage = asyncio.run(go())
     assert outs == [b"cba", b"", b"", b"yx"]
-    assert output.failures == {1: ("model_error", "boom")}
+    assert output.failures == {1: (ErrorCode.MODEL_ERROR, "boom")}
+    assert type(output.failures[1][0]) is ErrorCode  # decoded back into the enum, not left a str
     assert output.exec_ms == 0.5 and output.stages == {"model": 0.5}
     assert stage is Stage.DONE
 

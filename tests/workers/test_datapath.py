@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producer.codec import DTYPES, encode_value
+from producer.wire import ErrorCode
 from workers.datapath import BatchOutput, batch_of, encode_tensor_rows, new_buffer, pack, pack_outputs, uniform_tensors
 
 
@@ -97,6 +98,6 @@ def test_outputs_land_in_the_buffer_they_are_given() -> None:
 
     buffer, offsets = pack_outputs([b"x", b"", b"yz"], alloc)
     assert buffer is given_out[0] and bytes(buffer) == b"xyz" and offsets.tolist() == [0, 1, 1, 3]
-    output = BatchOutput(buffer, offsets, {1: ("model_error", "boom")})
-    assert [(i.ok, i.out, i.code) for i in output.items()] == [(True, b"x", ""), (False, b"", "model_error"),
-                                                              (True, b"yz", "")]
+    output = BatchOutput(buffer, offsets, {1: (ErrorCode.MODEL_ERROR, "boom")})
+    assert [(i.ok, i.out, i.code) for i in output.items()] == [(True, b"x", None), (False, b"", ErrorCode.MODEL_ERROR),
+                                                              (True, b"yz", None)]
