@@ -3,7 +3,7 @@
 Shutdown is a state machine, RUNNING → DRAINING → STOPPED: a signal only asks for it; the
 drain stops reading, finishes what was read (bounded by ``shutdown_timeout_s``), and stops.
 
-At start each model gets its profile (``manager.profiles.store``): the stored one for its device kind
+At start each model gets its profile (``nosq.manager.profiles.store``): the stored one for its device kind
 and input signature, or one measured on its first replica (one model at a time, before any
 request is served, so the figures are not disturbed) and stored. Its batch cap is then b* and
 its latency(b) the profile's curve.
@@ -25,31 +25,31 @@ from typing import Any
 
 import redis.asyncio
 
-from manager.memory.loader import Loader
-from manager.memory.registry import Registry
-from manager.ops.control import ControlWorker
-from manager.ops.metrics import Metrics, MetricsServer
-from manager.profiles.store import ProfileRecord, ensure_profile, profile_key
-from manager.runtime import raycluster
-from manager.runtime.redislink import LOST, RedisLink, RedisOutage, forever
-from manager.scaling.loop import Scaling, check_config
-from manager.serving.janitor import Janitor
-from manager.serving.pipeline import ModelPipeline
-from manager.serving.replicas import ReplicaPool, start_failure
-from manager.serving.unserved import UnknownModels
-from manager.settings import ManagerSettings
-from producer import keys
-from producer.errors import NosqError
-from producer.settings import RedisSettings
-from producer.wire import now_ms
-from workers.profiles.curve import ProfileOptions
-from workers.spec import ServeConfig
+from nosq.manager.memory.loader import Loader
+from nosq.manager.memory.registry import Registry
+from nosq.manager.ops.control import ControlWorker
+from nosq.manager.ops.metrics import Metrics, MetricsServer
+from nosq.manager.profiles.store import ProfileRecord, ensure_profile, profile_key
+from nosq.manager.runtime import raycluster
+from nosq.manager.runtime.redislink import LOST, RedisLink, RedisOutage, forever
+from nosq.manager.scaling.loop import Scaling, check_config
+from nosq.manager.serving.janitor import Janitor
+from nosq.manager.serving.pipeline import ModelPipeline
+from nosq.manager.serving.replicas import ReplicaPool, start_failure
+from nosq.manager.serving.unserved import UnknownModels
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import keys
+from nosq.producer.errors import NosqError
+from nosq.producer.settings import RedisSettings
+from nosq.producer.wire import now_ms
+from nosq.workers.profiles.curve import ProfileOptions
+from nosq.workers.spec import ServeConfig
 
 __all__ = ["Manager", "State"]
 
 log = logging.getLogger(__name__)
 #: redis-py retries a command this long itself (a dropped connection, a blip); a longer outage
-#: is the RedisLink's to wait out (manager.runtime.redislink)
+#: is the RedisLink's to wait out (nosq.manager.runtime.redislink)
 RECONNECT_IN_CALL_S = 2.0
 LOAD_RETRY_FIRST_S = 5.0  # a model whose load failed (no budget) is tried again after this, doubling
 LOAD_RETRY_MAX_S = 300.0
@@ -121,7 +121,7 @@ class Manager:
                                dispatch_attempts=settings.dispatch_attempts, local_channel=settings.local_channel)
             self._pools[spec.id] = pool
         on_demand = settings.cpu_budget_bytes is not None
-        if on_demand:  # models load when requests wait for them (manager.memory.loader)
+        if on_demand:  # models load when requests wait for them (nosq.manager.memory.loader)
             self.registry = Registry(self._redis, owner=settings.consumer, policy=settings.eviction_policy)
             self.profiles.update(dict.fromkeys(self._pools))
         else:
@@ -205,7 +205,7 @@ class Manager:
         self.state = State.STOPPED
         log.info("manager %s stopped", self.settings.consumer)
 
-    # -- control plane (manager.ops.control runs these as arq jobs; ``Controllable``) -------------
+    # -- control plane (nosq.manager.ops.control runs these as arq jobs; ``Controllable``) -------------
 
     @property
     def consumer(self) -> str:
@@ -325,7 +325,7 @@ class Manager:
             log.info("model %s: loaded after an earlier failure", model)
 
     def _spawn_loop(self, loop: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:
-        """A long-running loop that survives Redis restarts (manager.runtime.redislink)."""
+        """A long-running loop that survives Redis restarts (nosq.manager.runtime.redislink)."""
         return self._spawn(forever(loop, name, self.link), name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

@@ -13,10 +13,10 @@ from typing import Any, Final, Literal, NamedTuple
 import redis
 from redis.exceptions import NoPermissionError, NoScriptError
 
-from producer import keys
-from producer.codec import decode_envelope_value, encode_value
-from producer.errors import NosqConnectionError, NosqError, ProtocolError, QueueFull, RemoteError
-from producer.wire import (
+from nosq.producer import keys
+from nosq.producer.codec import decode_envelope_value, encode_value
+from nosq.producer.errors import NosqConnectionError, NosqError, ProtocolError, QueueFull, RemoteError
+from nosq.producer.wire import (
     DEFAULT_TTL_S,
     MODEL_ID_RE,
     REQUEST_ID_RE,

@@ -17,7 +17,7 @@ its own host talks to it directly:
   the model (blamed, retried as a suspect) from those decoding, waiting or encoding beside it.
 
 A replica on another host, or a host without ``memfd``, is called through Ray instead
-(``workers.actor.ModelWorker.run``), with the same :class:`~workers.datapath.BatchInput`.
+(``nosq.workers.actor.ModelWorker.run``), with the same :class:`~nosq.workers.datapath.BatchInput`.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from typing import Any, Final
 import msgpack
 import numpy as np
 
-from producer.errors import NosqError
-from producer.wire import ErrorCode
-from workers.datapath import BatchInput, BatchOutput, pack
+from nosq.producer.errors import NosqError
+from nosq.producer.wire import ErrorCode
+from nosq.workers.datapath import BatchInput, BatchOutput, pack
 
 __all__ = [
     "ChannelClient",

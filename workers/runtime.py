@@ -1,9 +1,9 @@
-"""A model on its device, and how a batch runs through it (steps 3-5 of ``workers.datapath``).
+"""A model on its device, and how a batch runs through it (steps 3-5 of ``nosq.workers.datapath``).
 
-``ModelRuntime`` lives inside a replica process (``workers.actor.ModelWorker`` builds it): it
+``ModelRuntime`` lives inside a replica process (``nosq.workers.actor.ModelWorker`` builds it): it
 builds the model, decodes a batch into one host buffer, copies it to the device, runs the
 model, copies the output back and encodes it as a batch. Batches may arrive on several threads
-at once (one per in-flight slot of ``workers.channel``): each thread has its own staging
+at once (one per in-flight slot of ``nosq.workers.channel``): each thread has its own staging
 buffers and, on CUDA, its own stream, so one batch's decode, host-to-device copy and encode
 overlap another's time in the model; the model itself runs one batch at a time (a lock).
 On CUDA the staging buffers are page-locked and reused, and the copies are asynchronous.
@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from producer.codec import decode_value, encode_value
-from producer.errors import NosqError
-from producer.wire import ErrorCode
-from workers.batching import OutputMismatch, collate, shape_groups, split, to_numpy
-from workers.channel import Stage
-from workers.compiling import CompiledModel
-from workers.datapath import (
+from nosq.producer.codec import decode_value, encode_value
+from nosq.producer.errors import NosqError
+from nosq.producer.wire import ErrorCode
+from nosq.workers.batching import OutputMismatch, collate, shape_groups, split, to_numpy
+from nosq.workers.channel import Stage
+from nosq.workers.compiling import CompiledModel
+from nosq.workers.datapath import (
     Alloc,
     BatchInput,
     BatchOutput,
@@ -46,9 +46,9 @@ from workers.datapath import (
     pack_outputs,
     uniform_tensors,
 )
-from workers.profiles.curve import EXAMPLE_OPTION, ProfileError, ProfileOptions
-from workers.profiles.measure import Profiler, device_kind, example_from_options, input_signature, weights_bytes
-from workers.spec import ItemSchema, ModelSpec
+from nosq.workers.profiles.curve import EXAMPLE_OPTION, ProfileError, ProfileOptions
+from nosq.workers.profiles.measure import Profiler, device_kind, example_from_options, input_signature, weights_bytes
+from nosq.workers.spec import ItemSchema, ModelSpec
 
 __all__ = ["ModelLoadError", "ModelRuntime"]
 
@@ -78,7 +78,7 @@ class ModelRuntime:
         self.device = _resolve_device(spec, device or spec.device)
         factory = _import_factory(spec)
         kwargs = {k: v for k, v in spec.options.items() if k != EXAMPLE_OPTION}
-        if _takes_device(factory):  # e.g. workers.text: loads in the device's dtype, on the device
+        if _takes_device(factory):  # e.g. nosq.workers.text: loads in the device's dtype, on the device
             kwargs["device"] = self.device
         try:
             model = factory(**kwargs)
@@ -104,7 +104,7 @@ class ModelRuntime:
     def ready(self) -> dict[str, Any]:
         """Where the model lives and how big it is: pid, device, weights_bytes, rss_bytes, and
         what its profile is keyed by: device_kind and signature (None without an example input);
-        compile: ``workers.compiling.CompiledModel.status()`` (requested, active, error, ...)."""
+        compile: ``nosq.workers.compiling.CompiledModel.status()`` (requested, active, error, ...)."""
         try:
             signature: str | None = input_signature(self.example())
         except ProfileError:
@@ -139,7 +139,7 @@ class ModelRuntime:
 
     def profile(self, max_batch: int | None = None, options: ProfileOptions | None = None) -> dict[str, Any]:
         """Sweep batch sizes up to ``max_batch`` (default and ceiling: the spec's) on this
-        process's device and choose b*: ``workers.profiles.curve.Profile.to_dict()``. The allocator's
+        process's device and choose b*: ``nosq.workers.profiles.curve.Profile.to_dict()``. The allocator's
         cache of the largest sizes tried is then given back: the process keeps what serving at b*
         needs, which is what the registry reserves for it."""
         with self._model_lock:
@@ -214,7 +214,7 @@ class ModelRuntime:
                   alloc: Alloc = new_buffer) -> BatchOutput:
         """Decode, run ``batch.method`` on the batch, encode: one output (or failure) per item.
 
-        ``stage`` hears where the batch is (``workers.channel.Stage``); the encoded outputs are
+        ``stage`` hears where the batch is (``nosq.workers.channel.Stage``); the encoded outputs are
         written into ``alloc(size)``."""
         n = len(batch)
         spec = self.spec

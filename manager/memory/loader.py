@@ -31,7 +31,7 @@ measured after the load counts from the next load on.
 GPU placement: when the manager's process sees CUDA, each GPU of the node gets a budget (its
 total less ``gpu_reserve_bytes``). A GPU model's bytes come from its profile on that card kind, plus
 ``gpu_overhead_bytes`` per replica (each actor's CUDA context and allocator slack);
-it is reserved on the first GPU with room (first fit, ``manager.memory.placement``), so models pack
+it is reserved on the first GPU with room (first fit, ``nosq.manager.memory.placement``), so models pack
 across the GPUs of the node. Its actors ask Ray for their measured share of a GPU (``num_gpus``
 = bytes over the GPU's budget, rounded up, never 0) and run on the registry's GPU (``cuda:<i>``).
 """
@@ -46,16 +46,16 @@ from typing import Any
 
 import redis.asyncio
 
-from manager.memory import placement
-from manager.memory.registry import ModelState, Outcome, Registry, RegistryError, ReservationLost
-from manager.profiles.store import ProfileRecord, decode, ensure_profile
-from manager.runtime.redislink import forever
-from manager.serving.pipeline import ModelPipeline
-from manager.serving.replicas import ReplicaPool, _cluster_gpus, start_failure, wants_gpu
-from manager.settings import ManagerSettings
-from producer import keys
-from workers.profiles.curve import ProfileError, ProfileOptions
-from workers.spec import ModelSpec
+from nosq.manager.memory import placement
+from nosq.manager.memory.registry import ModelState, Outcome, Registry, RegistryError, ReservationLost
+from nosq.manager.profiles.store import ProfileRecord, decode, ensure_profile
+from nosq.manager.runtime.redislink import forever
+from nosq.manager.serving.pipeline import ModelPipeline
+from nosq.manager.serving.replicas import ReplicaPool, _cluster_gpus, start_failure, wants_gpu
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import keys
+from nosq.workers.profiles.curve import ProfileError, ProfileOptions
+from nosq.workers.spec import ModelSpec
 
 __all__ = ["CPU_DEVICE", "Loader", "model_bytes"]
 
@@ -116,7 +116,7 @@ class Loader:
             import torch  # only where GPUs are: the manager itself runs no model
 
             if torch.cuda.is_available():
-                self._gpu_kind = f"cuda:{torch.cuda.get_device_name(0)}"  # workers.profiles.measure.device_kind
+                self._gpu_kind = f"cuda:{torch.cuda.get_device_name(0)}"  # nosq.workers.profiles.measure.device_kind
                 for i in range(torch.cuda.device_count()):
                     total = torch.cuda.get_device_properties(i).total_memory
                     await self.registry.set_budget(settings.node, f"cuda:{i}",
@@ -162,7 +162,7 @@ class Loader:
 
     async def _place_on_gpu(self, model: str, nbytes: int) -> str:
         """The first GPU of this node with room for ``nbytes`` (else the first: the reserve then
-        evicts there); its actors ask Ray for their measured share of it (manager.memory.placement)."""
+        evicts there); its actors ask Ray for their measured share of it (nosq.manager.memory.placement)."""
         pool = self._pools[model]
         gpus = [d for d in await self.registry.devices(self._settings.node) if d["device"].startswith("cuda")]
         if not gpus:
@@ -277,7 +277,7 @@ class Loader:
         return model in self.resident and model not in self._busy
 
     async def scale(self, model: str, replicas: int) -> tuple[int, str]:
-        """Resize a model loaded here (``manager.scaling.loop``): (replicas now, why not ``replicas``;
+        """Resize a model loaded here (``nosq.manager.scaling.loop``): (replicas now, why not ``replicas``;
         "" when reached).
 
         Its bytes grow in the registry before new replicas start, to the most replicas up to

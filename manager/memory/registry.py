@@ -56,7 +56,7 @@ One ``Registry(client, owner=consumer, policy=settings_name)`` per manager proce
 Events are published on ``EVENTS_CHANNEL`` as ``"<state> <model>"`` each time a model enters
 a state (``parse_event`` reads them), so waiting needs no polling.
 
-Keys (each from its ``producer.keys.registry_*`` helper)::
+Keys (each from its ``nosq.producer.keys.registry_*`` helper)::
 
     nosq:registry:model:<model>               hash: state node device bytes owner replicas
                                               inflight uses load_ms loaded_at last_used backlog
@@ -87,10 +87,10 @@ import redis
 import redis.asyncio
 from redis.commands.core import AsyncScript
 
-from manager.memory import eviction
-from manager.memory.eviction import LUA_CHOOSE_VICTIMS, EvictionPolicy, ModelState, Resident
-from producer import keys
-from producer.errors import NosqConnectionError, NosqError
+from nosq.manager.memory import eviction
+from nosq.manager.memory.eviction import LUA_CHOOSE_VICTIMS, EvictionPolicy, ModelState, Resident
+from nosq.producer import keys
+from nosq.producer.errors import NosqConnectionError, NosqError
 
 __all__ = [
     "EVENTS_CHANNEL",
@@ -193,7 +193,7 @@ class Eviction:
     candidates: tuple[Resident, ...]
 
     def policy_victims(self) -> tuple[str, ...]:
-        """The victims ``manager.memory.eviction`` chooses from the same candidates: equal to ``victims``
+        """The victims ``nosq.manager.memory.eviction`` chooses from the same candidates: equal to ``victims``
         when the Lua mirror decided as the Python policy does."""
         chosen = eviction.choose_victims(self.candidates, self.need_bytes, eviction.policy(self.policy), self.at_ms)
         return tuple(r.model for r in chosen or ())

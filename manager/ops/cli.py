@@ -10,11 +10,11 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from manager.ops.logs import configure
-from producer.codec import tensor_parts
-from producer.enqueue import redis_errors
-from producer.errors import NosqError, NosqTimeout
-from producer.settings import RedisSettings
+from nosq.manager.ops.logs import configure
+from nosq.producer.codec import tensor_parts
+from nosq.producer.enqueue import redis_errors
+from nosq.producer.errors import NosqError, NosqTimeout
+from nosq.producer.settings import RedisSettings
 
 __all__ = ["main"]
 
@@ -177,10 +177,10 @@ def redis_settings(args: argparse.Namespace) -> RedisSettings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from manager.service import Manager
-    from manager.settings import ManagerSettings
-    from workers.demo import demo_config_path
-    from workers.spec import load_config
+    from nosq.manager.service import Manager
+    from nosq.manager.settings import ManagerSettings
+    from nosq.workers.demo import demo_config_path
+    from nosq.workers.spec import load_config
 
     config = load_config(args.config or demo_config_path())
     overrides: dict[str, Any] = {"redis": redis_settings(args), "ray_address": args.ray_address}
@@ -233,7 +233,7 @@ def run_on_fast_loop(main: Coroutine[Any, Any, None]) -> None:
 def _status(args: argparse.Namespace) -> int:
     import time
 
-    from manager.ops.status import collect, render
+    from nosq.manager.ops.status import collect, render
 
     client = redis_settings(args).client()
     try:
@@ -254,8 +254,8 @@ def _status(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     import redis
 
-    from manager.memory.registry import Registry
-    from manager.ops.status import autoscaling, heartbeats
+    from nosq.manager.memory.registry import Registry
+    from nosq.manager.ops.status import autoscaling, heartbeats
 
     if args.action:
         return _control(args)
@@ -285,7 +285,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _control(args: argparse.Namespace) -> int:
-    from manager.ops.control import request
+    from nosq.manager.ops.control import request
 
     wanted = 2 if args.action == "scale" else 1
     if len(args.target) != wanted:
@@ -358,7 +358,7 @@ def format_models(rows: list[dict[str, Any]], devices: list[dict[str, Any]],
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from producer.client import Producer
+    from nosq.producer.client import Producer
 
     try:
         inputs = json.loads(args.payload)
@@ -384,7 +384,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from manager.ops.demo import run_demo
+    from nosq.manager.ops.demo import run_demo
 
     code: int = run_demo(redis_settings(args), requests=args.requests, concurrency=args.concurrency)
     return code
@@ -393,12 +393,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     import redis
 
-    from manager.profiles.report import ProgressBar, format_table, write_plot
-    from manager.profiles.standalone import profile_in_actor
-    from manager.profiles.store import store_sync
-    from workers.demo import demo_config_path
-    from workers.profiles.curve import ProfileOptions
-    from workers.spec import load_config
+    from nosq.manager.profiles.report import ProgressBar, format_table, write_plot
+    from nosq.manager.profiles.standalone import profile_in_actor
+    from nosq.manager.profiles.store import store_sync
+    from nosq.workers.demo import demo_config_path
+    from nosq.workers.profiles.curve import ProfileOptions
+    from nosq.workers.spec import load_config
 
     config = load_config(args.config or demo_config_path())
     try:

@@ -25,8 +25,8 @@ from arq.connections import RedisSettings as ArqRedisSettings
 from arq.jobs import Job
 from arq.worker import Worker, func
 
-from producer.errors import NosqError, NosqTimeout
-from producer.settings import RedisSettings
+from nosq.producer.errors import NosqError, NosqTimeout
+from nosq.producer.settings import RedisSettings
 
 __all__ = ["CONTROL_QUEUE", "OPERATIONS", "Controllable", "ControlWorker", "arq_settings", "request"]
 
@@ -38,7 +38,7 @@ OPERATIONS = ("load", "unload", "scale", "profile")
 
 
 class Controllable(Protocol):
-    """The actions the control plane runs on a manager (``manager.service.Manager`` is one).
+    """The actions the control plane runs on a manager (``nosq.manager.service.Manager`` is one).
 
     This module depends on this protocol, not on the service: the service imports the control
     plane, never the other way round.

@@ -23,10 +23,10 @@ from typing import IO, Any
 
 import numpy as np
 
-from producer import keys
-from producer.aio import AsyncProducer
-from producer.errors import NosqError
-from producer.settings import RedisSettings
+from nosq.producer import keys
+from nosq.producer.aio import AsyncProducer
+from nosq.producer.errors import NosqError
+from nosq.producer.settings import RedisSettings
 
 __all__ = ["DEMO_INPUTS", "DEMO_TEXTS", "demo_documents", "run_demo", "start_manager", "stop_manager"]
 
@@ -58,8 +58,8 @@ def start_manager(settings: RedisSettings, *args: str, consumer: str = "demo",
     """Start ``nosq serve`` and wait until its heartbeat says it is running. ``env`` adds to
     this process's environment (e.g. ``CUDA_VISIBLE_DEVICES`` for one manager per GPU); ``log``
     receives its standard error (its log) instead of this process's."""
-    command = [sys.executable, "-m", "manager.ops.cli", "--redis-url", settings.url, "serve", "--consumer", consumer,
-               *args]
+    command = [sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", settings.url, "serve",
+               "--consumer", consumer, *args]
     process = subprocess.Popen(command, start_new_session=True, env={**os.environ, **(env or {})}, stderr=log)
     client = settings.client()
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from producer.wire import ErrorCode
+from nosq.producer.wire import ErrorCode
 
 __all__ = ["Metrics", "MetricsServer"]
 

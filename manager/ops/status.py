@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from producer import keys
+from nosq.producer import keys
 
 __all__ = ["autoscaling", "collect", "heartbeats", "render"]
 

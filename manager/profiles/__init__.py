@@ -3,9 +3,9 @@
 ``store`` keeps one profile per (model, device kind, input signature) in Redis and gets one at
 start; ``standalone`` profiles a model outside a manager (``nosq profile``); ``report`` shows
 one (table, progress bar, plot). The data and the choice of batch size are
-``workers.profiles.curve`` (pure Python), the measuring is ``workers.profiles.measure`` (torch,
-inside the actor).
+``nosq.workers.profiles.curve`` (pure Python); the measuring is
+``nosq.workers.profiles.measure`` (torch, inside the actor).
 
-May import: ``producer``, ``workers`` (torch-free modules), ``manager.runtime``,
-``manager.serving`` (the batcher's latency model, the replica pool a profile runs on).
+May import ``nosq.producer``, the torch-free modules of ``nosq.workers``, ``manager.runtime``
+and ``manager.serving`` (the batcher's latency model, the replica pool a profile runs on).
 """

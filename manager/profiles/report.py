@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from workers.profiles.curve import MIB, Measurement, OutOfMemory, Profile
+from nosq.workers.profiles.curve import MIB, Measurement, OutOfMemory, Profile
 
 __all__ = ["ProgressBar", "format_table", "write_plot"]
 

@@ -14,11 +14,19 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from manager.runtime import raycluster
-from producer.errors import NosqError
-from workers.actor import ModelWorker
-from workers.profiles.curve import Measurement, Plan, Profile, ProfileOptions, assemble, measurement_from_dict, sweep
-from workers.spec import ModelSpec
+from nosq.manager.runtime import raycluster
+from nosq.producer.errors import NosqError
+from nosq.workers.actor import ModelWorker
+from nosq.workers.profiles.curve import (
+    Measurement,
+    Plan,
+    Profile,
+    ProfileOptions,
+    assemble,
+    measurement_from_dict,
+    sweep,
+)
+from nosq.workers.spec import ModelSpec
 
 __all__ = ["profile_in_actor"]
 

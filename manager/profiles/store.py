@@ -20,12 +20,12 @@ import redis
 import redis.asyncio
 from ray.exceptions import RayActorError, RayError
 
-from manager.serving.batcher import LatencyModel
-from manager.serving.replicas import ReplicaPool
-from producer import keys
-from producer.errors import NosqError
-from workers.profiles.curve import Profile, ProfileError, ProfileOptions
-from workers.spec import ModelSpec
+from nosq.manager.serving.batcher import LatencyModel
+from nosq.manager.serving.replicas import ReplicaPool
+from nosq.producer import keys
+from nosq.producer.errors import NosqError
+from nosq.workers.profiles.curve import Profile, ProfileError, ProfileOptions
+from nosq.workers.spec import ModelSpec
 
 __all__ = [
     "ProfileRecord",

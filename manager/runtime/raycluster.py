@@ -8,7 +8,7 @@ import os
 import ray
 from ray._private import ray_constants
 
-from manager.runtime.reaper import start_reaper
+from nosq.manager.runtime.reaper import start_reaper
 
 __all__ = ["connect", "disconnect"]
 
@@ -51,7 +51,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         _system_config={"max_direct_call_object_size": DIRECT_CALL_BYTES},
     )
     node = ray._private.worker._global_node
-    if node is not None:  # nothing of this Ray outlives this process (manager.runtime.reaper)
+    if node is not None:  # nothing of this Ray outlives this process (nosq.manager.runtime.reaper)
         start_reaper(node.get_session_dir_path())
     log.info("started a local Ray instance on 127.0.0.1")
     return True

@@ -1,7 +1,7 @@
 """Nothing of a manager's private Ray outlives the manager by more than a moment.
 
 A manager that starts its own Ray (no ``--ray-address``) also starts this small watcher in a
-session of its own: ``python -m manager.runtime.reaper <manager pid> <Ray session dir>``. When the
+session of its own: ``python -m nosq.manager.runtime.reaper <manager pid> <Ray session dir>``. When the
 manager exits, however it exits (SIGKILL included, when Ray's own clean-up never runs), the
 watcher kills every process that holds a file open in that Ray session's directory: the GCS,
 the raylet, the dashboard and runtime-env agents, the log monitor and the actors (whose command
@@ -29,7 +29,7 @@ SWEEPS = 5  # a process may start while the others are being killed: look again
 def start_reaper(session_dir: str) -> subprocess.Popen[bytes]:
     """Start the watcher for this process and the Ray session in ``session_dir``."""
     return subprocess.Popen(
-        [sys.executable, "-m", "manager.runtime.reaper", str(os.getpid()), session_dir],
+        [sys.executable, "-m", "nosq.manager.runtime.reaper", str(os.getpid()), session_dir],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # a kill of the manager's process group must not take it along
         close_fds=True,
@@ -92,7 +92,7 @@ def _reap(session_dir: str) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[0].isdigit():
-        print("usage: python -m manager.runtime.reaper MANAGER_PID RAY_SESSION_DIR", file=sys.stderr)
+        print("usage: python -m nosq.manager.runtime.reaper MANAGER_PID RAY_SESSION_DIR", file=sys.stderr)
         return 2
     pid, session_dir = int(argv[0]), argv[1]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the terminal is the manager's to handle

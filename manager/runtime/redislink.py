@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import redis
 
-from producer.errors import NosqConnectionError
+from nosq.producer.errors import NosqConnectionError
 
 __all__ = ["LOST", "RedisLink", "RedisOutage", "forever", "retrying"]
 

@@ -9,9 +9,10 @@ it scale (``max_replicas > min_replicas``) and that is loaded here:
 - the age of the oldest waiting request: Redis ``TIME`` less the time in the first entry's id;
 
 and takes from the pipeline the predicted drain rate of one replica (b* over latency(b*) of the
-latency curve: the profile's, refined by the batches served, ``manager.serving.batcher.LatencyModel``)
-and the measured answers/s (since the replica count last changed, at most 10 s), and from its
-own last scale-up how long new replicas take to be ready. ``manager.scaling.policy`` decides; a change is applied here:
+latency curve: the profile's, refined by the batches served,
+``nosq.manager.serving.batcher.LatencyModel``) and the measured answers/s (since the replica
+count last changed, at most 10 s), and from its own last scale-up how long new replicas take to
+be ready. ``nosq.manager.scaling.policy`` decides; a change is applied here:
 
 - without a memory budget: ``ReplicaPool.scale_to`` (scale to zero needs a budget: ``check_config``);
 - with one: ``Loader.scale``, which grows the model's bytes in the registry first (a scale-up
@@ -38,14 +39,14 @@ from typing import Any
 import redis.asyncio
 from ray.exceptions import RayError
 
-from manager.memory.loader import Loader
-from manager.scaling.policy import Autoscaler, Decision, Observation, ScalingPolicy
-from manager.serving.pipeline import ModelPipeline
-from manager.serving.replicas import ReplicaPool
-from manager.settings import ManagerSettings
-from producer import keys
-from producer.errors import NosqError
-from workers.spec import ServeConfig
+from nosq.manager.memory.loader import Loader
+from nosq.manager.scaling.policy import Autoscaler, Decision, Observation, ScalingPolicy
+from nosq.manager.serving.pipeline import ModelPipeline
+from nosq.manager.serving.replicas import ReplicaPool
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import keys
+from nosq.producer.errors import NosqError
+from nosq.workers.spec import ServeConfig
 
 __all__ = ["Scaling", "check_config"]
 

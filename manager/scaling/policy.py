@@ -1,6 +1,6 @@
 """Autoscaling decisions, pure: how many replicas one model should have, and why. No I/O.
 
-Each tick the caller (``manager.scaling.loop``) hands an ``Observation`` of the model and the time;
+Each tick the caller (``nosq.manager.scaling.loop``) hands an ``Observation`` of the model and the time;
 ``Autoscaler.observe`` returns a ``Decision``: the replicas to have now (``target``; equal to
 ``current`` means hold) and the reason in words.
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from workers.spec import ModelSpec
+from nosq.workers.spec import ModelSpec
 
 __all__ = ["Autoscaler", "Decision", "Observation", "ScalingPolicy", "drain_rate", "predicted_drain_s", "recommend"]
 

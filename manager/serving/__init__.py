@@ -6,8 +6,8 @@ the envelopes and acknowledges the entries. Beside it: ``janitor`` (reclaims the
 consumers, dead-letters poison), ``unserved`` (answers model ids no manager serves),
 ``traffic`` (rolling figures for heartbeats and ``nosq status``).
 
-May import: ``producer``, ``workers`` (torch-free modules), ``manager.settings``,
-``manager.runtime``, and from other subsystems only the leaf modules it reports to
-(``memory.registry`` counts batches in flight, ``ops.metrics``, ``profiles.store``'s latency
-model). Nothing here imports ``manager.service``.
+May import ``nosq.producer``, the torch-free modules of ``nosq.workers``, ``manager.settings``,
+``manager.runtime``, and of the other subsystems only the modules it reports to:
+``memory.registry`` (batches in flight are counted there), ``ops.metrics`` and
+``profiles.store`` (the latency model of a profile).
 """

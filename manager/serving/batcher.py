@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 
-from producer.wire import Request
+from nosq.producer.wire import Request
 
 __all__ = ["Batcher", "LatencyModel", "LengthBuckets", "Reason"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import redis.asyncio
 
-from manager.serving.pipeline import ModelPipeline, Phase
-from manager.settings import ManagerSettings
-from producer import keys
+from nosq.manager.serving.pipeline import ModelPipeline, Phase
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import keys
 
 __all__ = ["Janitor"]
 

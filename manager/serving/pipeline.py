@@ -17,21 +17,21 @@ from typing import Any
 import redis.asyncio
 from ray.exceptions import RayError
 
-from manager.memory.registry import Registry
-from manager.ops.metrics import Metrics
-from manager.profiles.store import latency_model
-from manager.runtime.redislink import RedisLink, retrying
-from manager.serving.batcher import Batcher, LatencyModel, LengthBuckets, Reason
-from manager.serving.replicas import Replica, ReplicaPool
-from manager.serving.results import BatchInfo, Finished, ResultWriter, Successes, error
-from manager.serving.traffic import RollingStats
-from manager.settings import ManagerSettings
-from producer import keys
-from producer.resp import Commands, read_group
-from producer.wire import BadEntry, ErrorCode, Request, clip, now_ms, parse_request
-from workers.channel import ChannelError
-from workers.profiles.curve import Profile
-from workers.spec import ModelSpec
+from nosq.manager.memory.registry import Registry
+from nosq.manager.ops.metrics import Metrics
+from nosq.manager.profiles.store import latency_model
+from nosq.manager.runtime.redislink import RedisLink, retrying
+from nosq.manager.serving.batcher import Batcher, LatencyModel, LengthBuckets, Reason
+from nosq.manager.serving.replicas import Replica, ReplicaPool
+from nosq.manager.serving.results import BatchInfo, Finished, ResultWriter, Successes, error
+from nosq.manager.serving.traffic import RollingStats
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import keys
+from nosq.producer.resp import Commands, read_group
+from nosq.producer.wire import BadEntry, ErrorCode, Request, clip, now_ms, parse_request
+from nosq.workers.channel import ChannelError
+from nosq.workers.profiles.curve import Profile
+from nosq.workers.spec import ModelSpec
 
 __all__ = ["ModelPipeline", "Phase"]
 

@@ -1,6 +1,6 @@
 """The replicas of one model: Ray actors, their in-flight slots, and surviving their deaths.
 
-A batch goes to a replica on this host through its shared-memory channel (``workers.channel``:
+A batch goes to a replica on this host through its shared-memory channel (``nosq.workers.channel``:
 one connection per in-flight slot), to one elsewhere through a Ray call (``await ref``, never
 blocking the event loop). An actor that dies is restarted by Ray (``max_restarts=-1``); its
 batch is retried; a batch that keeps killing its worker is split until the input that does it
@@ -29,12 +29,12 @@ import numpy as np
 import ray
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError
 
-from producer.wire import ErrorCode
-from workers import channel
-from workers.actor import ModelWorker
-from workers.channel import ChannelClient, ChannelLost
-from workers.datapath import BatchOutput, batch_of
-from workers.spec import ModelSpec
+from nosq.producer.wire import ErrorCode
+from nosq.workers import channel
+from nosq.workers.actor import ModelWorker
+from nosq.workers.channel import ChannelClient, ChannelLost
+from nosq.workers.datapath import BatchOutput, batch_of
+from nosq.workers.spec import ModelSpec
 
 __all__ = ["Replica", "ReplicaPool", "start_failure", "wants_gpu"]
 

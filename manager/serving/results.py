@@ -17,10 +17,10 @@ import msgpack
 import redis
 import redis.asyncio
 
-from manager.runtime.redislink import RedisLink, retrying
-from producer import keys
-from producer.resp import Commands
-from producer.wire import PROTOCOL_VERSION, ErrorCode, Request, clip, encode_envelope, now_ms
+from nosq.manager.runtime.redislink import RedisLink, retrying
+from nosq.producer import keys
+from nosq.producer.resp import Commands
+from nosq.producer.wire import PROTOCOL_VERSION, ErrorCode, Request, clip, encode_envelope, now_ms
 
 __all__ = ["BatchInfo", "Finished", "ResultWriter", "Successes", "error"]
 

@@ -16,11 +16,11 @@ from typing import Any, Final
 
 import redis.asyncio
 
-from manager.runtime.redislink import RedisLink
-from manager.serving.results import ResultWriter, error
-from manager.settings import ManagerSettings
-from producer import keys
-from producer.wire import MODEL_ID_RE, BadEntry, ErrorCode, Request, clip, now_ms, parse_request
+from nosq.manager.runtime.redislink import RedisLink
+from nosq.manager.serving.results import ResultWriter, error
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import keys
+from nosq.producer.wire import MODEL_ID_RE, BadEntry, ErrorCode, Request, clip, now_ms, parse_request
 
 __all__ = ["UnknownModels"]
 

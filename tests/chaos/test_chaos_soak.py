@@ -15,11 +15,11 @@ import pytest
 import redis
 import redis.asyncio
 
-from manager.ops.demo import start_manager, stop_manager
-from manager.profiles.store import store
-from producer import Producer, RedisSettings, keys
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.manager.profiles.store import store
+from nosq.producer import Producer, RedisSettings, keys
+from nosq.workers.spec import ModelSpec
 from tests.registry.test_registry_manager import handmade_profile
-from workers.spec import ModelSpec
 
 URL = "redis://127.0.0.1:6379/3"
 TOTAL = 200_000
@@ -28,7 +28,7 @@ MODELS = ("s1", "s2", "s3")
 CONFIG = "".join(f"""
 [[models]]
 id = "{m}"
-factory = "workers.demo:noop"
+factory = "nosq.workers.demo:noop"
 device = "cpu"
 max_batch = 256
 max_wait_ms = 2.0
@@ -55,7 +55,7 @@ def manager(tmp_path: Path) -> Iterator[int]:
     async def profiles() -> None:  # 40 MiB each under a 100 MiB budget: two fit, three do not
         aclient = redis.asyncio.Redis.from_url(URL)
         for model in MODELS:
-            spec = ModelSpec(id=model, factory="workers.demo:noop", device="cpu", max_batch=256, max_wait_ms=2.0,
+            spec = ModelSpec(id=model, factory="nosq.workers.demo:noop", device="cpu", max_batch=256, max_wait_ms=2.0,
                              num_cpus=0.25, threads=1)
             await store(aclient, handmade_profile(spec))
         await aclient.aclose()

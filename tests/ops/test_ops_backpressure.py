@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from manager.ops.demo import start_manager, stop_manager
-from producer import Producer, QueueFull, RedisSettings, keys
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer import Producer, QueueFull, RedisSettings, keys
 
 URL = "redis://127.0.0.1:6379/4"
 ROOT = Path(__file__).resolve().parents[2]

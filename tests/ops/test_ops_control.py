@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from manager.ops.demo import start_manager, stop_manager
-from producer import Producer, RedisSettings
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer import Producer, RedisSettings
 
 URL = "redis://127.0.0.1:6379/5"
 CONFIG = """
 [[models]]
 id = "noop"
-factory = "workers.demo:noop"
+factory = "nosq.workers.demo:noop"
 device = "cpu"
 max_batch = 32
 num_cpus = 0.25
@@ -26,7 +26,7 @@ threads = 1
 
 [[models]]
 id = "mlp"
-factory = "workers.demo:mlp"
+factory = "nosq.workers.demo:mlp"
 device = "cpu"
 max_batch = 16
 num_cpus = 0.25
@@ -50,7 +50,7 @@ def manager(tmp_path: Path) -> Iterator[None]:
 
 
 def nosq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "manager.ops.cli", "--redis-url", URL, "--log-level", "warning",
+    return subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", URL, "--log-level", "warning",
                            "models", *args], capture_output=True, text=True, timeout=300, check=False)
 
 

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import redis
 
-from manager.ops.demo import start_manager, stop_manager
-from producer import Producer, RedisSettings
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer import Producer, RedisSettings
 
 URL = "redis://127.0.0.1:6379/6"
 CONFIG = """
 [[models]]
 id = "noop"
-factory = "workers.demo:noop"
+factory = "nosq.workers.demo:noop"
 device = "cpu"
 max_batch = 64
 num_cpus = 0.25
@@ -107,7 +107,7 @@ def test_metrics_health_and_status_during_a_load(manager: int) -> None:
     assert get(port, "/nope")[0] == 404
 
     for _ in range(10):  # heartbeats (which carry the traffic figures) refresh every few seconds
-        done = subprocess.run([sys.executable, "-m", "manager.ops.cli", "--redis-url", URL, "status", "--json"],
+        done = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", URL, "status", "--json"],
                               capture_output=True, text=True, check=True, timeout=60)
         view = json.loads(done.stdout)
         (row,) = [m for m in view["models"] if m["model"] == "noop"]
@@ -117,6 +117,6 @@ def test_metrics_health_and_status_during_a_load(manager: int) -> None:
     assert row["served"] == 2001 and row["backlog"] == 0 and row["replicas"] == 1
     assert row["p50_ms"] > 0 and row["mean_batch"] >= 1
     assert [m["consumer"] for m in view["managers"]] == ["metrics-test"]
-    table = subprocess.run([sys.executable, "-m", "manager.ops.cli", "--redis-url", URL, "status", "--once"],
+    table = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", URL, "status", "--once"],
                            capture_output=True, text=True, check=True, timeout=60).stdout
     assert "noop" in table and "metrics-test" in table

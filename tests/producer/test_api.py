@@ -8,9 +8,9 @@ import inspect
 import pytest
 from redis.crc import key_slot
 
-import producer
-from producer import errors, keys
-from producer.wire import MODEL_ID_RE, REQUEST_ID_RE, BadEntry
+from nosq import producer
+from nosq.producer import errors, keys
+from nosq.producer.wire import MODEL_ID_RE, REQUEST_ID_RE, BadEntry
 
 EXPECTED_ALL = [
     "PROTOCOL_VERSION",

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import ray
 
-from workers.actor import ModelWorker
-from workers.demo import demo_config_path
-from workers.profiles.curve import Profile, ProfileError
-from workers.spec import ModelSpec, load_config
+from nosq.workers.actor import ModelWorker
+from nosq.workers.demo import demo_config_path
+from nosq.workers.profiles.curve import Profile, ProfileError
+from nosq.workers.spec import ModelSpec, load_config
 
 MODELS = "tests.profiling.models"
 

@@ -19,8 +19,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from manager.memory.registry import Outcome, Registry
-from producer import keys
+from nosq.manager.memory.registry import Outcome, Registry
+from nosq.producer import keys
 
 REGISTRY_DB = 13
 

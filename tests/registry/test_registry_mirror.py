@@ -12,9 +12,9 @@ import random
 import pytest
 import redis.asyncio
 
-from manager.memory.eviction import MIB, POLICY_NAMES, ModelState, Resident, choose_victims, policy
-from manager.memory.registry import Outcome, Registry, Reservation, Victim
-from producer import keys
+from nosq.manager.memory.eviction import MIB, POLICY_NAMES, ModelState, Resident, choose_victims, policy
+from nosq.manager.memory.registry import Outcome, Registry, Reservation, Victim
+from nosq.producer import keys
 
 SUFFIXES = ["a", "A", "b", "B", "aa", "Ab", "_x", "-y", ".z", "0", "9", "Z"]
 CASES_PER_POLICY = 100

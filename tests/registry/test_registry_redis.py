@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 import redis.asyncio
 
-from manager.memory import registry as registry_module
-from manager.memory.eviction import MIN_READY_MS
-from manager.memory.registry import (
+from nosq.manager.memory import registry as registry_module
+from nosq.manager.memory.eviction import MIN_READY_MS
+from nosq.manager.memory.registry import (
     EVENTS_CHANNEL,
     ModelState,
     Outcome,
@@ -21,7 +21,7 @@ from manager.memory.registry import (
     Victim,
     parse_event,
 )
-from producer import keys
+from nosq.producer import keys
 
 NODE, GPU = "n1", "cuda:0"
 ReadyModel = Callable[..., Awaitable[None]]  # the conftest fixture of that name

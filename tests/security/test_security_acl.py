@@ -23,7 +23,7 @@ import redis
 from redis.exceptions import NoPermissionError
 from security_support import ACL_FILE, PLACEHOLDER_RE, AclUsers, RedisServer, acl_users, answer_requests, running_redis
 
-from producer import (
+from nosq.producer import (
     AsyncProducer,
     Handle,
     NosqConnectionError,
@@ -34,8 +34,8 @@ from producer import (
     RemoteError,
     keys,
 )
-from producer.enqueue import ENQUEUE_LUA, ENQUEUE_MANY_LUA
-from producer.wire import decode_envelope
+from nosq.producer.enqueue import ENQUEUE_LUA, ENQUEUE_MANY_LUA
+from nosq.producer.wire import decode_envelope
 
 pytestmark = pytest.mark.integration
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from manager.scaling.policy import Autoscaler, Observation, ScalingPolicy, recommend
-from workers.spec import ModelSpec
+from nosq.manager.scaling.policy import Autoscaler, Observation, ScalingPolicy, recommend
+from nosq.workers.spec import ModelSpec
 
 
 def policy(low: int = 1, high: int = 3, up: float = 5.0, down: float = 30.0, target: float = 1.0) -> ScalingPolicy:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from manager.serving.batcher import Batcher, LatencyModel
-from producer.wire import Request
+from nosq.manager.serving.batcher import Batcher, LatencyModel
+from nosq.producer.wire import Request
 
 
 def req(n: int, priority: int, read_ms: int, method: str | None = None) -> Request:

@@ -9,11 +9,11 @@ import pkgutil
 import re
 from pathlib import Path
 
-import producer
-from producer import NosqError, errors
+from nosq import producer
+from nosq.producer import NosqError, errors
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("producer", "manager", "workers")
+PACKAGES = ("nosq.producer", "nosq.manager", "nosq.workers")
 
 
 def _exception_classes() -> dict[str, type[BaseException]]:

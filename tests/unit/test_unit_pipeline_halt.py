@@ -18,14 +18,14 @@ from typing import Any
 import fakeredis
 import numpy as np
 
-from manager.serving.pipeline import ModelPipeline
-from manager.serving.replicas import Replica, ReplicaPool
-from manager.settings import ManagerSettings
-from producer import keys
-from producer.codec import encode_value
-from producer.wire import request_fields
-from workers.datapath import BatchInput, BatchOutput
-from workers.spec import ModelSpec
+from nosq.manager.serving.pipeline import ModelPipeline
+from nosq.manager.serving.replicas import Replica, ReplicaPool
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import keys
+from nosq.producer.codec import encode_value
+from nosq.producer.wire import request_fields
+from nosq.workers.datapath import BatchInput, BatchOutput
+from nosq.workers.spec import ModelSpec
 
 BLOCK_MS = 400  # the reader's blocking read: long enough to land an entry inside it
 
@@ -48,7 +48,7 @@ class _Echo:
 
 async def test_entries_read_while_halting_are_drained_not_left_buffered() -> None:
     client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    spec = ModelSpec(id="m", factory="workers.demo:noop", device="cpu", max_batch=8, max_wait_ms=1.0)
+    spec = ModelSpec(id="m", factory="nosq.workers.demo:noop", device="cpu", max_batch=8, max_wait_ms=1.0)
     pool = ReplicaPool(spec, inflight_per_replica=1, dispatch_attempts=1)
     actor = _Echo()
     pool.replicas.append(Replica(index=0, actor=actor))

@@ -1,4 +1,4 @@
-"""The shared-memory channel (workers.channel) with a real server thread and real sockets.
+"""The shared-memory channel (nosq.workers.channel) with a real server thread and real sockets.
 
 The replica side runs a handler of the test's own (no model): what is checked is the transport:
 payloads and outputs through memfd segments that grow, the stage byte, errors that come back
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer.wire import ErrorCode
-from workers import channel
-from workers.channel import ChannelClient, ChannelError, ChannelLost, ChannelServer, Stage
-from workers.datapath import Alloc, BatchInput, BatchOutput, pack_outputs
+from nosq.producer.wire import ErrorCode
+from nosq.workers import channel
+from nosq.workers.channel import ChannelClient, ChannelError, ChannelLost, ChannelServer, Stage
+from nosq.workers.datapath import Alloc, BatchInput, BatchOutput, pack_outputs
 
 pytestmark = pytest.mark.skipif(not channel.available(), reason="needs memfd and Unix sockets (Linux)")
 

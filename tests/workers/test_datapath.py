@@ -1,4 +1,4 @@
-"""The batch as one buffer (workers.datapath): packing, the uniform-tensor view, batch encoding.
+"""The batch as one buffer (nosq.workers.datapath): packing, the uniform-tensor view, batch encoding.
 
 Every fast path is checked against the per-item codec it replaces: the same bytes out, and a
 batch the fast path cannot take is recognised as such (None) rather than misread.
@@ -14,9 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.codec import DTYPES, encode_value
-from producer.wire import ErrorCode
-from workers.datapath import BatchOutput, batch_of, encode_tensor_rows, new_buffer, pack, pack_outputs, uniform_tensors
+from nosq.producer.codec import DTYPES, encode_value
+from nosq.producer.wire import ErrorCode
+from nosq.workers.datapath import (
+    BatchOutput,
+    batch_of,
+    encode_tensor_rows,
+    new_buffer,
+    pack,
+    pack_outputs,
+    uniform_tensors,
+)
 
 
 def test_pack_lays_payloads_back_to_back() -> None:

@@ -2,7 +2,7 @@
 
 A profile is the curve a sweep measured (one ``Point`` per batch size), the ``Plan`` it was
 judged against (device, input signature, budget, memory limit, the spec's fingerprint), where
-the sweep stopped (``Stop``), and the chosen b* with its reason in words. ``workers.profiles.measure``
+the sweep stopped (``Stop``), and the chosen b* with its reason in words. ``nosq.workers.profiles.measure``
 measures the points in the serving process; ``sweep`` drives any ``measure(b)`` (local, or a
 remote actor's ``profile_one``), so the CLI can draw progress between sizes.
 
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from producer.errors import NosqError as _ErrorRoot
+    from nosq.producer.errors import NosqError as _ErrorRoot
 else:
     try:  # the producer package needs redis and msgpack; a GPU box may have torch alone
-        from producer.errors import NosqError as _ErrorRoot
+        from nosq.producer.errors import NosqError as _ErrorRoot
     except ImportError:
         _ErrorRoot = Exception
 
@@ -189,7 +189,7 @@ class Profile:
 class ProfileOptions:
     """How long to measure and how much memory a batch may take."""
 
-    rounds: int = 3  # each size is measured this many times, interleaved (``workers.profiles.curve.sweep``)
+    rounds: int = 3  # each size is measured this many times, interleaved (``nosq.workers.profiles.curve.sweep``)
     warmup: int = 2
     min_reps: int = 10  # per round
     max_reps: int = 300

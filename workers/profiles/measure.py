@@ -6,7 +6,7 @@ size in powers of two up to the cap (the spec's ``max_batch``, itself included):
 * warm-up runs, then timed runs: at least ``min_reps`` runs and ``min_time_s`` seconds
   (bounded by ``max_reps`` and ``max_time_s``); latency p50 and p95. Each size is measured in
   ``rounds`` rounds interleaved with the other sizes, and the least disturbed p50 and p95 are
-  kept (``workers.profiles.curve.merge``): on a shared machine other processes only ever add time, and
+  kept (``nosq.workers.profiles.curve.merge``): on a shared machine other processes only ever add time, and
   a burst of theirs then spoils one round of one size instead of the size's figures.
   Throughput = b / p50. A timed run is what a served batch's ``exec_ms`` measures: the copy to
   the device, the model, and the copy of the output back to the host (CUDA is synchronized on
@@ -31,8 +31,8 @@ b* is the size with the best throughput whose p95 fits ``latency_budget_ms`` and
 fits the limit (CUDA: free memory minus a reserve; CPU: a fraction of the available RAM); if
 none fits, b* = 1 and the reason says so. The reason is kept in words with the profile.
 
-The profile's data, the sweep loop and the choice live in ``workers.profiles.curve`` (pure). Only torch
-and the standard library are used here, so this module, ``workers.profiles.curve`` and ``workers.demo``
+The profile's data, the sweep loop and the choice live in ``nosq.workers.profiles.curve`` (pure). Only torch
+and the standard library are used here, so this module, ``nosq.workers.profiles.curve`` and ``nosq.workers.demo``
 run on a GPU machine that has torch alone (``benchmarks/profile_check.py --direct``).
 """
 
@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from workers.profiles.curve import (
+from nosq.workers.profiles.curve import (
     Measurement,
     OutOfMemory,
     Plan,
