@@ -9,12 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from nosq.manager.ops.demo import start_manager, stop_manager
 from nosq.producer import Producer, RedisSettings
 
-URL = "redis://127.0.0.1:6379/5"
+URL = "redis://127.0.0.1:6379/9"  # the db of the redis_db fixture, which every test here holds (lock, flush)
 CONFIG = """
 [[models]]
 id = "noop"
@@ -35,9 +34,8 @@ threads = 1
 
 
 @pytest.fixture
-def manager(tmp_path: Path) -> Iterator[None]:
-    client = redis.Redis.from_url(URL)
-    client.flushdb()
+def manager(tmp_path: Path, redis_db: RedisSettings) -> Iterator[None]:
+    assert redis_db.url == URL
     config = tmp_path / "models.toml"
     config.write_text(CONFIG)
     process = start_manager(RedisSettings(url=URL), "--config", str(config), "--cpu-budget-mib", "4096",
@@ -46,7 +44,6 @@ def manager(tmp_path: Path) -> Iterator[None]:
         yield
     finally:
         assert stop_manager(process) == 0
-        client.flushdb()
 
 
 def nosq(*args: str) -> subprocess.CompletedProcess[str]:

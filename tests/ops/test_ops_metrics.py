@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 
 from nosq.manager.ops.demo import start_manager, stop_manager
 from nosq.producer import Producer, RedisSettings
 
-URL = "redis://127.0.0.1:6379/6"
+URL = "redis://127.0.0.1:6379/9"  # the db of the redis_db fixture, which every test here holds (lock, flush)
 CONFIG = """
 [[models]]
 id = "noop"
@@ -37,9 +36,8 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def manager(tmp_path: Path) -> Iterator[int]:
-    client = redis.Redis.from_url(URL)
-    client.flushdb()
+def manager(tmp_path: Path, redis_db: RedisSettings) -> Iterator[int]:
+    assert redis_db.url == URL
     config = tmp_path / "noop.toml"
     config.write_text(CONFIG)
     port = free_port()
@@ -49,7 +47,6 @@ def manager(tmp_path: Path) -> Iterator[int]:
         yield port
     finally:
         assert stop_manager(process) == 0
-        client.flushdb()
 
 
 def get(port: int, path: str) -> tuple[int, str]:
