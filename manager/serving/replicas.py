@@ -122,9 +122,8 @@ class ReplicaPool:
         if gpu:
             env = {}
             if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:  # an operator's own setting wins
-                # batches of every size up to b* fragment the caching allocator: on an H100 a
-                # 128x128 CNN held 950 MiB serving random sizes, 346 MiB with expandable segments
-                # (its profile: 282 MiB at b*), so the registry's figure holds in practice
+                # batches of every size up to b* fragment the caching allocator; with expandable
+                # segments the registry's figure holds (docs/benchmarks.md, GPU placement and eviction)
                 env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
             if self.device is not None:
                 # Ray still counts num_gpus against the node's GPUs; which card is the registry's call

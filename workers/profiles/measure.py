@@ -15,7 +15,7 @@ size in powers of two up to the cap (the spec's ``max_batch``, itself included):
   that are timed: on CUDA the peak of ``torch.cuda.max_memory_reserved`` (after
   ``empty_cache`` and ``reset_peak_memory_stats``) minus the bytes reserved before: what the
   caching allocator really takes from the card for the batch, rounding and fragmentation
-  included (the peak *allocated* undercounted a 128x128 CNN's footprint by 30% on an H200);
+  included (the peak *allocated* undercounts it: docs/benchmarks.md, GPU placement and eviction);
   on CPU the peak RSS of this process minus the RSS before, sampled from ``/proc/self/statm`` by a thread every 0.5 ms
   and after each run (``VmHWM`` never resets). Freed heap memory is returned to the OS with
   glibc's ``malloc_trim(0)`` before the baseline is read, so memory a previous size left
