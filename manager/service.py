@@ -31,6 +31,7 @@ from nosq.manager.ops.control import ControlWorker
 from nosq.manager.ops.metrics import Metrics, MetricsServer
 from nosq.manager.profiles.store import ProfileRecord, ensure_profile, profile_key
 from nosq.manager.runtime import raycluster
+from nosq.manager.runtime.reaper import alive
 from nosq.manager.runtime.redislink import LOST, RedisLink, RedisOutage, forever
 from nosq.manager.scaling.loop import Scaling, check_config
 from nosq.manager.serving.janitor import Janitor
@@ -138,10 +139,11 @@ class Manager:
         if self.registry is not None:
             for pipeline in self.pipelines.values():
                 pipeline.hold()  # until it is loaded here
-            self.loader = Loader(client=self._redis, settings=settings, registry=self.registry, pools=self._pools,
-                                 pipelines=self.pipelines, profiles=self.profiles, spawn=self._spawn)
-            await self.loader.setup()
-            self._spawn_loop(lambda: self.loader.run(self._stop) if self.loader else _nothing(), "loader")
+            self.loader = loader = Loader(client=self._redis, settings=settings, registry=self.registry,
+                                          pools=self._pools, pipelines=self.pipelines, profiles=self.profiles,
+                                          spawn=self._spawn)
+            await loader.setup()
+            self._spawn_loop(lambda: loader.run(self._stop), "loader")
         else:
             for model, pipeline in self.pipelines.items():
                 if model in self.load_errors:
@@ -149,14 +151,14 @@ class Manager:
                     self._spawn_loop(lambda model=model: self._retry_load(model), f"load-{model}")  # type: ignore[misc]
                 else:
                     self._serve(model)
-        self.janitor = Janitor(self._redis, settings, self.pipelines)
-        self.unknown = UnknownModels(self._redis, settings, set(self.pipelines), self.link)
-        self._spawn_loop(lambda: self.janitor.run(self._stop), "janitor")
-        self._spawn_loop(lambda: self.unknown.run(self._stop), "unknown-models")
-        self.scaling = Scaling(client=self._redis, settings=settings, pools=self._pools, pipelines=self.pipelines,
-                               loader=self.loader, published=self._beat)
-        if self.scaling.enabled:
-            self._spawn_loop(lambda: self.scaling.run(self._stop) if self.scaling else _nothing(), "autoscaler")
+        janitor = Janitor(self._redis, settings, self.pipelines)
+        unserved = UnknownModels(self._redis, settings, set(self.pipelines), self.link)
+        self._spawn_loop(lambda: janitor.run(self._stop), "janitor")
+        self._spawn_loop(lambda: unserved.run(self._stop), "unknown-models")
+        self.scaling = scaling = Scaling(client=self._redis, settings=settings, pools=self._pools,
+                                         pipelines=self.pipelines, loader=self.loader, published=self._beat)
+        if scaling.enabled:
+            self._spawn_loop(lambda: scaling.run(self._stop), "autoscaler")
         self._spawn_loop(self._heartbeat, "heartbeat")
         await self._start_metrics()
         self.control = ControlWorker(self)
@@ -414,7 +416,7 @@ class Manager:
         if current is not None:
             other = json.loads(current)
             same_host = other.get("host") == socket.gethostname()
-            if not same_host or _alive(int(other.get("pid", 0))):
+            if not same_host or alive(int(other.get("pid", 0))):
                 raise NosqError(
                     f"consumer name {self.settings.consumer!r} is in use by a live manager "
                     f"(pid {other.get('pid')} on {other.get('host')}): give each manager its own --consumer"
@@ -485,19 +487,3 @@ class Manager:
         reaped = await registry.reap_dead_owners()
         if reaped:
             log.warning("registry: released %s, whose manager stopped heartbeating", ", ".join(reaped))
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-async def _nothing() -> None:
-    return None

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["session_processes", "start_reaper"]
+__all__ = ["alive", "session_processes", "start_reaper"]
 
 SWEEPS = 5  # a process may start while the others are being killed: look again
 
@@ -57,7 +57,7 @@ def _wait_for_exit(pid: int) -> None:
     except ProcessLookupError:
         return
     except OSError:  # no pidfd (old kernel): look twice a second
-        while _alive(pid):
+        while alive(pid):
             time.sleep(0.5)
         return
     try:
@@ -66,7 +66,10 @@ def _wait_for_exit(pid: int) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """A process with this pid exists (it may belong to another user)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
