@@ -22,7 +22,7 @@
         └── ReservationLost  a model's reservation was reaped while it loaded
 
 Only this module's classes are exported by ``producer``; the others live beside the code that
-raises them, every one under ``NosqError`` (``tests/unit/test_unit_errors.py`` checks this list
+raises them, every one under ``NosqError`` (``tests/test_errors.py`` checks this list
 against every module). Classes keep a builtin base where callers relied on it
 (``ConfigError`` and ``TextModelError`` are ``ValueError``s, ``ChannelLost`` a
 ``ConnectionError``). Every message names the bad value and what to do about it.

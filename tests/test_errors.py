@@ -12,7 +12,7 @@ from pathlib import Path
 from nosq import producer
 from nosq.producer import NosqError, errors
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("nosq.producer", "nosq.manager", "nosq.workers")
 
 
