@@ -22,7 +22,7 @@ def heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
         raw: Any = client.get(key)
         if raw is not None:
             beat = json.loads(raw)
-            beat["consumer"] = key.decode().rsplit(":", 1)[-1]
+            beat["consumer"] = key.decode().removeprefix(keys.manager_heartbeat(""))
             managers.append(beat)
     return sorted(managers, key=lambda beat: str(beat["consumer"]))
 
