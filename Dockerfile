@@ -14,6 +14,8 @@ COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY manager ./manager
 COPY workers ./workers
+# nosq/ links the three folders under the one import name (nosq.producer, ...)
+COPY nosq ./nosq
 RUN if [ "$TORCH_INDEX" != "none" ]; then pip install --index-url "$TORCH_INDEX" "torch>=2.2"; fi \
     && pip install ".[server]"
 

@@ -8,7 +8,7 @@ Measured in one run, side by side:
   ratio to the pairs/s above, and the client's CPU microseconds per request (user + system,
   ``getrusage(RUSAGE_SELF)`` deltas over the measured window: the client process only).
 
-The requests are served by a manager (``manager.demo.start_manager`` with a config holding only
+The requests are served by a manager (``nosq.manager.ops.demo.start_manager`` with a config holding only
 ``noop``), or with ``--no-manager`` by a tiny echo consumer in a separate process (XREADGROUP a
 batch, SET each envelope NX EX, XADD a notice to the reply stream, XACK + XDEL, as
 docs/protocol.md says), so the client's own cost shows without the manager's.
@@ -45,7 +45,7 @@ RATE_RE = re.compile(r"^(SET|GET): ([\d.]+) requests per second", re.MULTILINE)
 MANAGER_CONFIG = """
 [[models]]
 id = "noop"
-factory = "workers.demo:noop"
+factory = "nosq.workers.demo:noop"
 device = "cpu"
 max_batch = 256
 num_cpus = 0.25
@@ -93,9 +93,9 @@ def echo_consumer(url: str, model: str, *, threshold: int, ready: Any, stop: Any
     than the client it serves)."""
     import redis
 
-    from producer import keys
-    from producer.resp import pack_command
-    from producer.wire import encode_envelope, parse_request
+    from nosq.producer import keys
+    from nosq.producer.resp import pack_command
+    from nosq.producer.wire import encode_envelope, parse_request
 
     client = redis.Redis.from_url(url)
     client.set_response_callback("XREADGROUP", lambda response, **_: response)
@@ -151,7 +151,7 @@ async def infer_load(url: str, model: str, *, concurrency: int, seconds: float, 
                      timeout_s: float) -> dict[str, Any]:
     import numpy as np
 
-    from producer import AsyncProducer, NosqError, RedisSettings
+    from nosq.producer import AsyncProducer, NosqError, RedisSettings
 
     x = np.random.default_rng(0).standard_normal(512, dtype=np.float32)
     counts = {"done": 0, "errors": 0}
@@ -213,8 +213,8 @@ def run_infer(url: str, args: argparse.Namespace) -> dict[str, Any]:
             consumer.join(10)
         figures["echo_consumer_cpu_s_total"] = usage.value
         return figures
-    from manager.demo import start_manager, stop_manager
-    from producer import RedisSettings
+    from nosq.manager.ops.demo import start_manager, stop_manager
+    from nosq.producer import RedisSettings
 
     settings = RedisSettings(url=url)
     config = Path(tempfile.mkdtemp()) / "client-bench.toml"

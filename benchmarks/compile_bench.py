@@ -3,7 +3,7 @@
     python benchmarks/compile_bench.py [--device cpu|cuda] [--out FILE.json] [--models mlp,cnn]
                                        [--bstar mlp=64 ...] [--seconds 1.0] [--threads N]
 
-In-process with ``workers.actor.ModelWorker`` (no Ray, no Redis): it needs torch, numpy,
+In-process with ``nosq.workers.actor.ModelWorker`` (no Ray, no Redis): it needs torch, numpy,
 pydantic and msgpack only, so it runs on a bare GPU box. Each (model, mode) is measured in a
 fresh child process, so memory figures and torch.compile's state start clean:
 
@@ -44,12 +44,12 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     """Measure one model in one mode in this process; return its figures."""
     import torch
 
-    from producer.codec import encode_value
-    from workers.actor import ModelWorker
-    from workers.datapath import batch_of
-    from workers.demo import demo_config_path
-    from workers.runtime import _rss_bytes
-    from workers.spec import load_config
+    from nosq.producer.codec import encode_value
+    from nosq.workers.actor import ModelWorker
+    from nosq.workers.datapath import batch_of
+    from nosq.workers.demo import demo_config_path
+    from nosq.workers.runtime import _rss_bytes
+    from nosq.workers.spec import load_config
 
     spec = load_config(demo_config_path()).model(args.model)
     update: dict[str, Any] = {"compile": args.mode.removesuffix("-warm"), "compile_cache_dir": args.cache_dir}
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(_child(args)))
         return 0
-    from workers.demo import demo_config_path
-    from workers.spec import load_config
+    from nosq.workers.demo import demo_config_path
+    from nosq.workers.spec import load_config
 
     config = load_config(demo_config_path())
     bstars = {k: int(v) for k, v in (item.split("=", 1) for item in args.bstar)}

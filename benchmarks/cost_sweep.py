@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.support import closed_loop_process, redis_url
-from manager.demo import start_manager, stop_manager
-from producer.settings import RedisSettings
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer.settings import RedisSettings
 
 CONFIG = """
 [[models]]
 id = "t"
-factory = "workers.demo:transformer"
+factory = "nosq.workers.demo:transformer"
 device = "{device}"
 max_batch = {batch}
 max_wait_ms = 2.0
@@ -41,7 +41,7 @@ def direct(device: str, layers: int, batch: int, seconds: float) -> float:
     """Items/s of the model on a batch already on its device, synchronised per call."""
     import torch
 
-    from workers.demo import transformer
+    from nosq.workers.demo import transformer
 
     model = transformer(layers=layers).to(device).eval()
     x = torch.randn(batch, 32, 256, device=device)

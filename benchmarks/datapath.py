@@ -34,9 +34,9 @@ import numpy as np
 import redis
 
 from benchmarks.support import closed_loop_process, redis_url
-from manager.demo import start_manager, stop_manager
-from producer.codec import encode_value
-from producer.settings import RedisSettings
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer.codec import encode_value
+from nosq.producer.settings import RedisSettings
 from tests.procs import descendants
 
 SIZES = (64, 4096, 48 * 1024, 512 * 1024)
@@ -44,7 +44,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 CONFIG = """
 [[models]]
 id = "noop"
-factory = "workers.demo:noop"
+factory = "nosq.workers.demo:noop"
 device = "{device}"
 max_batch = {max_batch}
 max_wait_ms = 1.0

@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 
 from benchmarks.support import closed_loop_throughput
-from manager.demo import start_manager, stop_manager
-from producer.aio import AsyncProducer
-from producer.settings import RedisSettings
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer.aio import AsyncProducer
+from nosq.producer.settings import RedisSettings
 
 CONFIG = """
 [[models]]
 id = "noop"
-factory = "workers.demo:noop"
+factory = "nosq.workers.demo:noop"
 device = "cpu"
 max_batch = {noop_batch}
 max_wait_ms = 2.0
@@ -42,7 +42,7 @@ threads = 1
 
 [[models]]
 id = "mlp"
-factory = "workers.demo:mlp"
+factory = "nosq.workers.demo:mlp"
 device = "cpu"
 max_batch = {mlp_batch}
 max_wait_ms = 5.0
@@ -70,7 +70,7 @@ def direct_mlp(batch: int, threads: int, seconds: float) -> float:
     """The limit: the same model, same batch size, called in-process."""
     import torch
 
-    from workers.demo import mlp
+    from nosq.workers.demo import mlp
 
     torch.set_num_threads(threads)
     model = mlp()

@@ -11,7 +11,7 @@ same device and the same number of torch threads, one system at a time:
 * ``direct``: ``SentenceTransformer.encode(texts, batch_size=b, normalize_embeddings=True)`` over
   the whole corpus in this process, at its best ``b`` (encode sorts the whole corpus by length
   first: no queue, no network, the least padding possible). The limit.
-* ``nosq``: ``nosq serve`` with the model as ``workers.text:embedder`` with batches formed by
+* ``nosq``: ``nosq serve`` with the model as ``nosq.workers.text:embedder`` with batches formed by
   token length (``bucketing``) and the actor's calls sorted by real token count
   (``chunk_tokens``); texts sent with the AsyncProducer.
 * ``nosq-arrival``: the same without either: batches in arrival order of up to ``b`` texts, each
@@ -197,12 +197,12 @@ def _direct(model_dir: Path, corpus: Corpus, args: argparse.Namespace, *,
 
 
 def _profile_lengths(args: argparse.Namespace) -> dict[str, Any]:
-    """nosq's model (``workers.text``) profiled per length bucket, as ``nosq profile`` measures one
+    """nosq's model (``nosq.workers.text``) profiled per length bucket, as ``nosq profile`` measures one
     input: texts/s and tokens/s against batch size for texts of exactly each length."""
     import torch
 
-    from workers.curve import ProfileOptions
-    from workers.text import embedder, profile_lengths, tokens_per_s
+    from nosq.workers.profiles.curve import ProfileOptions
+    from nosq.workers.text import embedder, profile_lengths, tokens_per_s
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -249,7 +249,7 @@ def _system(system: str, model_dir: Path, url: str, corpus: Corpus, args: argpar
 def nosq_config(bucketed: bool, corpus: Corpus, args: argparse.Namespace, batch: int) -> str:
     """The serve config of one nosq variant (TOML)."""
     options = f'path = "{args.model_dir}", cuda_dtype = "{args.dtype}"'
-    lines = ["[[models]]", 'id = "minilm"', 'factory = "workers.text:embedder"', f'device = "{args.device}"',
+    lines = ["[[models]]", 'id = "minilm"', 'factory = "nosq.workers.text:embedder"', f'device = "{args.device}"',
              f"threads = {args.threads}", f"num_cpus = {args.threads}", f"max_wait_ms = {args.max_wait_ms}",
              "latency_budget_ms = 60000.0"]
     if bucketed:
@@ -266,9 +266,9 @@ def nosq_config(bucketed: bool, corpus: Corpus, args: argparse.Namespace, batch:
 @contextmanager
 def _nosq(bucketed: bool, url: str, corpus: Corpus, args: argparse.Namespace, *, batch: int,
           logs: Path) -> Iterator[Client]:
-    from manager.demo import start_manager, stop_manager
-    from producer.aio import AsyncProducer
-    from producer.settings import RedisSettings
+    from nosq.manager.ops.demo import start_manager, stop_manager
+    from nosq.producer.aio import AsyncProducer
+    from nosq.producer.settings import RedisSettings
 
     config = logs / "embeddings.toml"
     config.write_text(nosq_config(bucketed, corpus, args, batch))

@@ -6,7 +6,7 @@ creates it (default ``/tmp/nosq-infinity-venv``) with the same CPU torch as ours
 ``infinity-emb[server,torch]``; its server runs as a subprocess on a free loopback port and is
 sent ``POST /embeddings`` requests (its OpenAI-style API) over HTTP with aiohttp.
 
-Ray Serve runs in a private Ray on loopback started here (``manager.raycluster``): one replica
+Ray Serve runs in a private Ray on loopback started here (``nosq.manager.runtime.raycluster``): one replica
 whose ``@serve.batch`` method calls ``SentenceTransformer.encode`` on the batch, as a user would
 write it; the driver sends through a handle.
 """
@@ -110,7 +110,7 @@ def serve_app(model_dir: Path, *, device: str, dtype: str, threads: int, batch: 
     import ray
     from ray import serve
 
-    from manager import raycluster
+    from nosq.manager.runtime import raycluster
 
     root = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])

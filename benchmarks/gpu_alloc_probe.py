@@ -14,16 +14,16 @@ import os
 import random
 import subprocess
 
-from producer.codec import encode_value
-from workers.actor import ModelWorker
-from workers.datapath import batch_of
-from workers.spec import ModelSpec
+from nosq.producer.codec import encode_value
+from nosq.workers.actor import ModelWorker
+from nosq.workers.datapath import batch_of
+from nosq.workers.spec import ModelSpec
 
 BATCHES = 300
 
 
 def main() -> None:
-    spec = ModelSpec(id="cnn-large", factory="workers.demo:cnn", device="cuda", max_batch=128,
+    spec = ModelSpec(id="cnn-large", factory="nosq.workers.demo:cnn", device="cuda", max_batch=128,
                      options={"size": 128})
     worker = ModelWorker(spec)
     item = encode_value("msgpack", worker.example().numpy())

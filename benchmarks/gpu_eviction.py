@@ -27,11 +27,11 @@ from typing import Any
 import ray
 import torch
 
-from manager import raycluster
-from manager.placement import gpu_fraction, pack
-from workers.actor import ModelWorker
-from workers.demo import demo_config_path
-from workers.spec import load_config
+from nosq.manager.memory.placement import gpu_fraction, pack
+from nosq.manager.runtime import raycluster
+from nosq.workers.actor import ModelWorker
+from nosq.workers.demo import demo_config_path
+from nosq.workers.spec import load_config
 
 SETTLE_S = 0.5  # the driver's view of free memory after a process exits
 

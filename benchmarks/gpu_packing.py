@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 
 from benchmarks.support import redis_url
-from manager.demo import start_manager, stop_manager
-from manager.registry import Registry
-from producer import keys
-from producer.aio import AsyncProducer
-from producer.errors import NosqError
-from producer.settings import RedisSettings
+from nosq.manager.memory.registry import Registry
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer import keys
+from nosq.producer.aio import AsyncProducer
+from nosq.producer.errors import NosqError
+from nosq.producer.settings import RedisSettings
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "cnn": ("cnn", {}),
@@ -58,14 +58,14 @@ def config_text() -> str:
     blocks = []
     for model_id, (factory, options) in MODELS.items():
         table = "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in options.items()) + " }"
-        blocks.append(f'[[models]]\nid = "{model_id}"\nfactory = "workers.demo:{factory}"\ndevice = "cuda"\n'
+        blocks.append(f'[[models]]\nid = "{model_id}"\nfactory = "nosq.workers.demo:{factory}"\ndevice = "cuda"\n'
                       f"max_batch = 256\nmax_wait_ms = 2.0\nnum_cpus = 0.5\nthreads = 1\n"
                       + (f"options = {table}\n" if options else ""))
     return "\n".join(blocks)
 
 
 def example_inputs() -> dict[str, np.ndarray]:
-    from workers import demo
+    from nosq.workers import demo
 
     return {m: getattr(demo, f)(**o).example_input().numpy() for m, (f, o) in MODELS.items()}
 

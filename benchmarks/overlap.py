@@ -1,7 +1,7 @@
 """One replica fed through its shared-memory channel: items/s with one and two slots in flight
 beside the model called directly, each stage's time, and a timeline of the overlap.
 
-The replica (``workers.actor.ModelWorker``: model, staging buffers, channel server) runs in a
+The replica (``nosq.workers.actor.ModelWorker``: model, staging buffers, channel server) runs in a
 process of its own, as under Ray; this process plays the manager's part of the channel (no
 Redis, no Ray), sending the same pre-encoded batch again and again on ``--slots`` connections.
 With two slots, one batch's decode, copy and encode overlap the other's time in the model; the
@@ -23,17 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from producer.codec import encode_value
-from workers.channel import ChannelClient
-from workers.demo import demo_config_path
-from workers.spec import ModelSpec, load_config
+from nosq.producer.codec import encode_value
+from nosq.workers.channel import ChannelClient
+from nosq.workers.demo import demo_config_path
+from nosq.workers.spec import ModelSpec, load_config
 
 STAGES = ("decode", "wait", "model", "fetch", "encode")
 COLOURS = {"decode": "tab:blue", "wait": "lightgrey", "model": "tab:red", "fetch": "tab:orange", "encode": "tab:green"}
 
 
 def _replica(spec: ModelSpec, device: str, addresses: Any) -> None:
-    from workers.actor import ModelWorker
+    from nosq.workers.actor import ModelWorker
 
     worker = ModelWorker(spec, device=device)
     addresses.put(worker.ready()["channel"])
@@ -44,7 +44,7 @@ def direct_items_per_s(spec: ModelSpec, device: str, batch: int, seconds: float)
     """The limit: the model on a batch already on its device, synchronised per call."""
     import torch
 
-    from workers.runtime import ModelRuntime
+    from nosq.workers.runtime import ModelRuntime
 
     runtime = ModelRuntime(spec, device=device)
     x = torch.stack([runtime.example()] * batch).to(runtime.device)
@@ -126,7 +126,7 @@ def main() -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     try:
         address = addresses.get(timeout=300)
-        from workers.runtime import ModelRuntime
+        from nosq.workers.runtime import ModelRuntime
 
         example = ModelRuntime(spec, device="cpu").example().numpy()
         payloads = [encode_value("msgpack", example)] * args.batch

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from producer import AsyncProducer, Producer, RedisSettings, keys
+from nosq.producer import AsyncProducer, Producer, RedisSettings, keys
 
 MODEL = "bench"
 PAYLOAD: dict[str, Any] = {"x": [1, 2, 3]}

@@ -3,7 +3,7 @@
 For each model: the profile (powers of two, b* chosen by throughput within the p95 budget and
 the memory limit), then, in the same process and measured the same way, every batch size of
 1, 2, 3, 4, 6, 8, 12, ... (powers of two and their midpoints) up to max_batch, in as many
-rounds as the profile and merged the same way (``workers.curve.merge``). Prints the
+rounds as the profile and merged the same way (``nosq.workers.profiles.curve.merge``). Prints the
 curve, b* with its reason, the memory at b* next to the weights' bytes, the throughput at b*
 against the best within the budget found by the sweep and their ratio (goal >= 0.9); writes
 JSON and one PNG plot per model.
@@ -14,7 +14,7 @@ JSON and one PNG plot per model.
 
 ``--direct`` needs only torch, numpy and matplotlib: where the server's other dependencies
 (redis, msgpack, pydantic, ray) are missing, the model is built from the config file with
-tomllib and measured by ``workers.profiler.Profiler``, the code ``ModelWorker.profile`` runs.
+tomllib and measured by ``nosq.workers.profiles.measure.Profiler``, the code ``ModelWorker.profile`` runs.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing it
 
 import torch  # noqa: E402
 
-from manager.profile_report import format_table, write_plot  # noqa: E402
-from workers.curve import (  # noqa: E402
+from nosq.manager.profiles.report import format_table, write_plot  # noqa: E402
+from nosq.workers.profiles.curve import (  # noqa: E402
     EXAMPLE_OPTION,
     MIB,
     Measurement,
@@ -49,7 +49,7 @@ from workers.curve import (  # noqa: E402
     measurement_from_dict,
     merge,
 )
-from workers.profiler import Profiler  # noqa: E402
+from nosq.workers.profiles.measure import Profiler  # noqa: E402
 
 DEFAULT_MODELS = {"cpu": ["mlp", "cnn"], "cuda": ["cnn", "transformer"]}
 GOAL = 0.9
@@ -79,10 +79,10 @@ class Subject:
 
 def direct_subject(model: str, config: Path, device: str, max_batch: int | None) -> Subject:
     try:
-        from workers.actor import ModelWorker
-        from workers.spec import load_config
+        from nosq.workers.actor import ModelWorker
+        from nosq.workers.spec import load_config
     except ImportError as exc:  # a GPU box with torch alone
-        print(f"(workers.actor needs {exc.name}: building {model} from {config} with the profiler alone)")
+        print(f"(nosq.workers.actor needs {exc.name}: building {model} from {config} with the profiler alone)")
         profiler = _bare_profiler(model, config, device, max_batch)
         return Subject(profile=profiler.run, measure=profiler.measure, where="this process (Profiler)")
     spec = load_config(config).model(model)
@@ -97,9 +97,9 @@ def direct_subject(model: str, config: Path, device: str, max_batch: int | None)
 def actor_subject(model: str, config: Path, device: str, max_batch: int | None) -> Subject:
     import ray
 
-    from manager import raycluster
-    from workers.actor import ModelWorker
-    from workers.spec import load_config
+    from nosq.manager.runtime import raycluster
+    from nosq.workers.actor import ModelWorker
+    from nosq.workers.spec import load_config
 
     spec = load_config(config).model(model)
     if max_batch is not None:

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from manager.demo import start_manager, stop_manager
-from producer import Producer, RedisSettings
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer import Producer, RedisSettings
 from tests.procs import ray_processes_of
 
 STAGES = {  # log line -> stage name

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.support import closed_loop_throughput, redis_url
-from manager.demo import start_manager, stop_manager
-from manager.profiles import decode
-from producer import keys
-from producer.settings import RedisSettings
-from workers.spec import ModelSpec
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.manager.profiles.store import decode
+from nosq.producer import keys
+from nosq.producer.settings import RedisSettings
+from nosq.workers.spec import ModelSpec
 
 WARMUP_S = 3.0
 
@@ -45,7 +45,7 @@ def parse_layouts(text: str) -> list[tuple[int, int]]:
 
 
 def model_spec(args: argparse.Namespace, replicas: int) -> ModelSpec:
-    return ModelSpec(id=args.model, factory=f"workers.demo:{args.model}", device=args.device, replicas=replicas,
+    return ModelSpec(id=args.model, factory=f"nosq.workers.demo:{args.model}", device=args.device, replicas=replicas,
                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, num_cpus=args.num_cpus,
                      latency_budget_ms=args.latency_budget_ms,
                      threads=args.threads, options=json.loads(args.options))
@@ -81,7 +81,7 @@ def chosen_batch(settings: RedisSettings, model: str) -> int | None:
     """b* from the profile the manager stored (None without one)."""
     client = settings.client()
     try:
-        for key in client.scan_iter(match=keys.registry(f"profile:{model}:*"), count=100):
+        for key in client.scan_iter(match=keys.registry_profile(model, "*", "*"), count=100):
             data: Any = client.get(key)
             if data is not None:
                 return decode(data).best_batch
@@ -147,7 +147,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scaling.json"))
     args = parser.parse_args()
     if args.shape is None:
-        from workers import demo
+        from nosq.workers import demo
 
         args.shape = json.dumps(list(getattr(demo, args.model)(**json.loads(args.options)).example_input().shape))
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from producer.aio import AsyncProducer
-from producer.settings import RedisSettings
+from nosq.producer.aio import AsyncProducer
+from nosq.producer.settings import RedisSettings
 
 __all__ = ["closed_loop", "closed_loop_process", "closed_loop_throughput", "free_port", "redis_url"]
 

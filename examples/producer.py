@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from producer import AsyncProducer, RedisSettings
+from nosq.producer import AsyncProducer, RedisSettings
 
 
 async def main(url: str, requests: int) -> None:

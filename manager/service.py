@@ -3,7 +3,7 @@
 Shutdown is a state machine, RUNNING → DRAINING → STOPPED: a signal only asks for it; the
 drain stops reading, finishes what was read (bounded by ``shutdown_timeout_s``), and stops.
 
-At start each model gets its profile (``manager.profiles``): the stored one for its device kind
+At start each model gets its profile (``nosq.manager.profiles.store``): the stored one for its device kind
 and input signature, or one measured on its first replica (one model at a time, before any
 request is served, so the figures are not disturbed) and stored. Its batch cap is then b* and
 its latency(b) the profile's curve.
@@ -20,35 +20,38 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any
 
 import redis.asyncio
 
-from manager import placement, raycluster
-from manager.control import ControlWorker
-from manager.dispatcher import ReplicaPool, cluster_gpus, start_failure, wants_gpu
-from manager.janitor import Janitor
-from manager.loader import Loader
-from manager.metrics import Metrics, MetricsServer
-from manager.pipeline import ModelPipeline
-from manager.profiles import ProfileRecord, ensure_profile, profile_key
-from manager.registry import Registry
-from manager.resilience import LOST, RedisLink, RedisOutage, forever
-from manager.scaling import Scaling, check_config
-from manager.settings import ManagerSettings
-from manager.unknown import UnknownModels
-from producer import keys
-from producer.errors import NosqError
-from producer.wire import now_ms
-from workers.curve import ProfileOptions
-from workers.spec import ServeConfig
+from nosq.manager.memory import placement
+from nosq.manager.memory.loader import Loader
+from nosq.manager.memory.registry import Registry
+from nosq.manager.ops.control import ControlWorker
+from nosq.manager.ops.metrics import Metrics, MetricsServer
+from nosq.manager.profiles.store import ProfileRecord, ensure_profile, profile_key
+from nosq.manager.runtime import raycluster
+from nosq.manager.runtime.reaper import alive
+from nosq.manager.runtime.redislink import LOST, RedisLink, RedisOutage, forever
+from nosq.manager.scaling.loop import Scaling, check_config
+from nosq.manager.serving.janitor import Janitor
+from nosq.manager.serving.pipeline import ModelPipeline
+from nosq.manager.serving.replicas import ReplicaPool, cluster_gpus, start_failure, wants_gpu
+from nosq.manager.serving.unserved import UnknownModels
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import keys
+from nosq.producer.errors import NosqError
+from nosq.producer.settings import RedisSettings
+from nosq.producer.wire import now_ms
+from nosq.workers.profiles.curve import ProfileOptions
+from nosq.workers.spec import ServeConfig
 
 __all__ = ["Manager", "State"]
 
 log = logging.getLogger(__name__)
 #: redis-py retries a command this long itself (a dropped connection, a blip); a longer outage
-#: is the RedisLink's to wait out (manager.resilience)
+#: is the RedisLink's to wait out (nosq.manager.runtime.redislink)
 RECONNECT_IN_CALL_S = 2.0
 LOAD_RETRY_FIRST_S = 5.0  # a model whose load failed (no budget) is tried again after this, doubling
 LOAD_RETRY_MAX_S = 300.0
@@ -120,7 +123,7 @@ class Manager:
                                dispatch_attempts=settings.dispatch_attempts, local_channel=settings.local_channel)
             self._pools[spec.id] = pool
         on_demand = settings.cpu_budget_bytes is not None
-        if on_demand:  # models load when requests wait for them (manager.loader)
+        if on_demand:  # models load when requests wait for them (nosq.manager.memory.loader)
             self.registry = Registry(self._redis, owner=settings.consumer, policy=settings.eviction_policy)
             self.profiles.update(dict.fromkeys(self._pools))
         else:
@@ -136,26 +139,27 @@ class Manager:
         await self._publish_served()  # before reading: other managers must not answer unknown_model
         if self.registry is not None:
             for pipeline in self.pipelines.values():
-                pipeline.reading = False  # until it is loaded here
-            self.loader = Loader(client=self._redis, settings=settings, registry=self.registry, pools=self._pools,
-                                 pipelines=self.pipelines, profiles=self.profiles, spawn=self._spawn)
-            await self.loader.setup()
-            self._spawn_loop(lambda: self.loader.run(self._stop) if self.loader else _nothing(), "loader")
+                pipeline.hold()  # until it is loaded here
+            self.loader = loader = Loader(client=self._redis, settings=settings, registry=self.registry,
+                                          pools=self._pools, pipelines=self.pipelines, profiles=self.profiles,
+                                          spawn=self._spawn)
+            await loader.setup()
+            self._spawn_loop(lambda: loader.run(self._stop), "loader")
         else:
             for model, pipeline in self.pipelines.items():
                 if model in self.load_errors:
-                    pipeline.reading = False  # its entries wait in the stream until it loads
+                    pipeline.hold()  # its entries wait in the stream until it loads
                     self._spawn_loop(lambda model=model: self._retry_load(model), f"load-{model}")  # type: ignore[misc]
                 else:
                     self._serve(model)
-        self.janitor = Janitor(self._redis, settings, self.pipelines)
-        self.unknown = UnknownModels(self._redis, settings, set(self.pipelines), self.link)
-        self._spawn_loop(lambda: self.janitor.run(self._stop), "janitor")
-        self._spawn_loop(lambda: self.unknown.run(self._stop), "unknown-models")
-        self.scaling = Scaling(client=self._redis, settings=settings, pools=self._pools, pipelines=self.pipelines,
-                               loader=self.loader, published=self._beat)
-        if self.scaling.enabled:
-            self._spawn_loop(lambda: self.scaling.run(self._stop) if self.scaling else _nothing(), "autoscaler")
+        janitor = Janitor(self._redis, settings, self.pipelines)
+        unserved = UnknownModels(self._redis, settings, set(self.pipelines), self.link)
+        self._spawn_loop(lambda: janitor.run(self._stop), "janitor")
+        self._spawn_loop(lambda: unserved.run(self._stop), "unknown-models")
+        self.scaling = scaling = Scaling(client=self._redis, settings=settings, pools=self._pools,
+                                         pipelines=self.pipelines, loader=self.loader, published=self._beat)
+        if scaling.enabled:
+            self._spawn_loop(lambda: scaling.run(self._stop), "autoscaler")
         self._spawn_loop(self._heartbeat, "heartbeat")
         await self._start_metrics()
         self.control = ControlWorker(self)
@@ -175,9 +179,7 @@ class Manager:
         if self.metrics_server is not None:
             await self.metrics_server.aclose()
         for pipeline in self.pipelines.values():
-            pipeline.reading = False
-            pipeline.draining = True
-            pipeline.wake()
+            pipeline.drain()
         # batches released while draining spawn tasks of their own: wait until none is left
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         still = {t for t in self._tasks if not t.done()}
@@ -206,7 +208,19 @@ class Manager:
         self.state = State.STOPPED
         log.info("manager %s stopped", self.settings.consumer)
 
-    # -- control plane (manager.control runs these as arq jobs) ------------------------------
+    # -- control plane (nosq.manager.ops.control runs these as arq jobs; ``Controllable``) -------------
+
+    @property
+    def consumer(self) -> str:
+        return self.settings.consumer
+
+    @property
+    def redis_settings(self) -> RedisSettings:
+        return self.settings.redis
+
+    @property
+    def served(self) -> Collection[str]:
+        return self.pipelines.keys()
 
     def _describe(self, model: str) -> dict[str, Any]:
         loaded = self.loader is None or model in self.loader.resident
@@ -329,7 +343,7 @@ class Manager:
             log.info("model %s: loaded after an earlier failure", model)
 
     def _spawn_loop(self, loop: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:
-        """A long-running loop that survives Redis restarts (manager.resilience)."""
+        """A long-running loop that survives Redis restarts (nosq.manager.runtime.redislink)."""
         return self._spawn(forever(loop, name, self.link), name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -418,7 +432,7 @@ class Manager:
         if current is not None:
             other = json.loads(current)
             same_host = other.get("host") == socket.gethostname()
-            if not same_host or _alive(int(other.get("pid", 0))):
+            if not same_host or alive(int(other.get("pid", 0))):
                 raise NosqError(
                     f"consumer name {self.settings.consumer!r} is in use by a live manager "
                     f"(pid {other.get('pid')} on {other.get('host')}): give each manager its own --consumer"
@@ -456,7 +470,7 @@ class Manager:
         """Record the models this manager serves, each until its heartbeat would lapse."""
         await self._publish_admission()
         expires = now_ms() + self.settings.heartbeat_ttl_s * 1000
-        await self._client().hset(keys.registry("served"), mapping=dict.fromkeys(self.pipelines, expires))  # type: ignore[misc]
+        await self._client().hset(keys.registry_served(), mapping=dict.fromkeys(self.pipelines, expires))  # type: ignore[misc]
 
     async def _heartbeat(self) -> None:
         """Say this manager is alive, and which models it serves (until when)."""
@@ -489,19 +503,3 @@ class Manager:
         reaped = await registry.reap_dead_owners()
         if reaped:
             log.warning("registry: released %s, whose manager stopped heartbeating", ", ".join(reaped))
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-async def _nothing() -> None:
-    return None

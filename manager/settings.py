@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.settings import RedisSettings
+from nosq.producer.settings import RedisSettings
 
 __all__ = ["ManagerSettings"]
 
@@ -31,7 +31,7 @@ class ManagerSettings(BaseModel):
     dispatch_attempts: int = Field(default=3, ge=1, description="tries of one batch when its worker dies")
     local_channel: bool = Field(
         default=True, description="send batches to replicas on this host through shared memory and a Unix "
-        "socket (workers.channel); False: every batch is a Ray call (slower; for comparison)")
+        "socket (nosq.workers.channel); False: every batch is a Ray call (slower; for comparison)")
     reply_inline_bytes: int = Field(
         default=4096, ge=0, description="an envelope up to this size rides in the reply-stream notice; a larger "
         "one is only in its result key, which the client fetches (docs/protocol.md section 8)")

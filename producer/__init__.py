@@ -3,11 +3,11 @@
 Only redis, msgpack and pydantic are required; numpy and torch are used when installed.
 """
 
-from producer._common import Handle
-from producer.aio import AsyncProducer
-from producer.client import Producer
-from producer.codec import RawTensor
-from producer.errors import (
+from nosq.producer.aio import AsyncProducer
+from nosq.producer.client import Producer
+from nosq.producer.codec import RawTensor
+from nosq.producer.enqueue import Handle
+from nosq.producer.errors import (
     NosqConnectionError,
     NosqError,
     NosqTimeout,
@@ -15,8 +15,8 @@ from producer.errors import (
     QueueFull,
     RemoteError,
 )
-from producer.settings import RedisSettings
-from producer.wire import PROTOCOL_VERSION, Envelope, ErrorCode
+from nosq.producer.settings import RedisSettings
+from nosq.producer.wire import PROTOCOL_VERSION, Envelope, ErrorCode
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -5,7 +5,7 @@ Hot path, for N concurrent ``infer`` calls from one process:
 
 * **Coalescing.** A submit only queues its requests (id, payload, own deadline) by model and
   shared options; the first one in an event-loop turn schedules a flush, which sends all of
-  them in one ``EVALSHA`` of :data:`~producer._common.ENQUEUE_BATCH_LUA` per model (several
+  them in one ``EVALSHA`` of :data:`~nosq.producer.enqueue.ENQUEUE_BATCH_LUA` per model (several
   models or chunks: one pipeline). The script answers how many it accepted, in order; every
   caller learns its own outcome (``QueueFull`` for a refused one only).
 * **One future per wait**, resolved directly by the reader; timeouts are one timer per 10 ms
@@ -25,8 +25,8 @@ from typing import Any, Final
 
 import redis.asyncio
 
-from producer import keys
-from producer._common import (
+from nosq.producer import keys
+from nosq.producer.enqueue import (
     ENQUEUE_BATCH_LUA,
     REPLY_BLOCK_MS,
     REPLY_COUNT,
@@ -51,10 +51,10 @@ from producer._common import (
     unwrap,
     value_of,
 )
-from producer.errors import NosqError, NosqTimeout
-from producer.resp import Commands
-from producer.settings import RedisSettings
-from producer.wire import Envelope
+from nosq.producer.errors import NosqError, NosqTimeout
+from nosq.producer.resp import Commands
+from nosq.producer.settings import RedisSettings
+from nosq.producer.wire import Envelope
 
 __all__ = ["AsyncProducer"]
 

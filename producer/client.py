@@ -10,8 +10,8 @@ from typing import Any
 
 import redis
 
-from producer import keys
-from producer._common import (
+from nosq.producer import keys
+from nosq.producer.enqueue import (
     ENQUEUE_BATCH_LUA,
     REPLY_BLOCK_MS,
     REPLY_COUNT,
@@ -34,10 +34,10 @@ from producer._common import (
     unwrap,
     value_of,
 )
-from producer.errors import NosqError, NosqTimeout
-from producer.resp import Commands
-from producer.settings import RedisSettings
-from producer.wire import Envelope
+from nosq.producer.errors import NosqError, NosqTimeout
+from nosq.producer.resp import Commands
+from nosq.producer.settings import RedisSettings
+from nosq.producer.wire import Envelope
 
 __all__ = ["Producer"]
 

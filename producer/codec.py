@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import msgpack
 
-from producer.errors import ProtocolError
+from nosq.producer.errors import ProtocolError
 
 try:  # numpy is optional for a producer
     import numpy as np

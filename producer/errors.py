@@ -4,12 +4,28 @@
 
     NosqError
     ├── ProtocolError        bytes on the wire that do not follow protocol v1
+    │   └── BadEntry         a stream entry the manager cannot serve (nosq.producer.wire)
     ├── NosqConnectionError  Redis could not be reached (translated from redis-py)
+    │   └── RedisOutage      an outage outlasted the manager's limit (nosq.manager.runtime.redislink)
     ├── NosqTimeout          no result within the caller's timeout
     ├── QueueFull            the model's backlog is at its limit (``retry_after_s`` hint)
-    └── RemoteError          the server answered with an error envelope (``code``, ``message``)
+    ├── RemoteError          the server answered with an error envelope (``code``, ``message``)
+    ├── ConfigError          a serve config or model spec that is not valid (nosq.workers.spec)
+    ├── ModelLoadError       a replica could not load its model (nosq.workers.runtime)
+    ├── TextModelError       a text model directory that cannot be used (nosq.workers.text; loading
+    │                        reports it as the replica's ModelLoadError)
+    ├── OutputMismatch       a model returned the wrong number of outputs (nosq.workers.batching)
+    ├── ChannelError         a replica could not run a batch sent over its channel (nosq.workers.channel)
+    ├── ChannelLost          the channel to a replica broke: it died or is gone (nosq.workers.channel)
+    ├── ProfileError         a profile that cannot be measured, stored or read (nosq.workers.profiles.curve)
+    └── RegistryError        the memory registry refused or failed (nosq.manager.memory.registry)
+        └── ReservationLost  a model's reservation was reaped while it loaded
 
-Every message names the bad value and what to do about it.
+Only this module's classes are exported by ``producer``; the others live beside the code that
+raises them, every one under ``NosqError`` (``tests/test_errors.py`` checks this list
+against every module). Classes keep a builtin base where callers relied on it
+(``ConfigError`` and ``TextModelError`` are ``ValueError``s, ``ChannelLost`` a
+``ConnectionError``). Every message names the bad value and what to do about it.
 """
 
 from __future__ import annotations

@@ -15,6 +15,15 @@ __all__ = [
     "done",
     "manager_heartbeat",
     "registry",
+    "registry_device",
+    "registry_devices",
+    "registry_events",
+    "registry_evictions",
+    "registry_model",
+    "registry_models",
+    "registry_profile",
+    "registry_resident",
+    "registry_served",
     "reply",
     "requests",
     "result",
@@ -61,8 +70,54 @@ def reply(client: str) -> str:
 
 
 def registry(name: str) -> str:
-    """Keys of the model registry (hashes and sorted sets)."""
+    """The model registry's namespace (ACL patterns); its keys are the ``registry_*`` below."""
     return f"{PREFIX}:registry:{name}"
+
+
+def registry_model(model: str) -> str:
+    """Hash of one model's residency (state, node, device, bytes, owner, replicas).
+    ``registry_model("")`` is the prefix the registry's Lua scripts append model ids to."""
+    return registry(f"model:{model}")
+
+
+def registry_models() -> str:
+    """Set of every model ever reserved."""
+    return registry("models")
+
+
+def registry_device(label: str) -> str:
+    """Hash of one device's budget and use; ``label`` is ``<node>/<device>`` ("" for the prefix)."""
+    return registry(f"device:{label}")
+
+
+def registry_devices() -> str:
+    """Set of every ``<node>/<device>`` with a budget."""
+    return registry("devices")
+
+
+def registry_resident(label: str) -> str:
+    """Set of the models counted on one device ("" for the prefix)."""
+    return registry(f"resident:{label}")
+
+
+def registry_evictions() -> str:
+    """Stream with one entry per eviction decision."""
+    return registry("evictions")
+
+
+def registry_events() -> str:
+    """Pub/sub channel of registry events (``draining <model>``, releases)."""
+    return registry("events")
+
+
+def registry_served() -> str:
+    """Hash: model id -> expiry (unix ms) of the manager heartbeat that serves it."""
+    return registry("served")
+
+
+def registry_profile(model: str, device_kind: str, signature: str) -> str:
+    """String holding one stored profile; ``signature="*"`` matches every signature (SCAN)."""
+    return registry(f"profile:{model}:{device_kind}:{signature}")
 
 
 def manager_heartbeat(consumer: str) -> str:

@@ -16,8 +16,8 @@ from typing import Any, Final
 
 import msgpack
 
-from producer.codec import CONTENT_TYPES, decode_envelope_value
-from producer.errors import ProtocolError
+from nosq.producer.codec import CONTENT_TYPES, decode_envelope_value
+from nosq.producer.errors import ProtocolError
 
 __all__ = [
     "DEFAULT_TTL_S",

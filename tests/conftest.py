@@ -14,7 +14,7 @@ import redis
 import redis.asyncio
 from pydantic import PrivateAttr
 
-from producer import RedisSettings
+from nosq.producer import RedisSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def fake_settings() -> FakeRedisSettings:
 def ray_repo() -> Iterator[None]:
     """A private Ray on loopback for one module, whose workers can import the test models (the
     repository root goes on their PYTHONPATH)."""
-    from manager import raycluster
+    from nosq.manager.runtime import raycluster
 
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, (saved or "").split(os.pathsep))])

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from manager.reaper import session_processes
+from nosq.manager.runtime.reaper import session_processes
 
 __all__ = ["children", "descendants", "proc_table", "ray_processes_of", "reap_ray_of"]
 

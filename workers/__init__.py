@@ -1,7 +1,8 @@
 """nosq workers: model specs, the Ray actor that hosts a model, batching, and the demo models.
 
-Import from the modules: ``workers.spec`` (no torch), ``workers.actor``, ``workers.batching``,
-``workers.demo``. Importing this package alone imports nothing heavy.
+Import from the modules: ``nosq.workers.spec`` (no torch), ``nosq.workers.actor``,
+``nosq.workers.batching``, ``nosq.workers.demo``. Importing this package alone imports nothing
+heavy. Never imports ``nosq.manager`` (``.ci/imports.py``).
 """
 
 __all__: list[str] = []

@@ -3,9 +3,9 @@
 ``ModelWorker`` is a plain class: the manager wraps it with ``ray.remote(ModelWorker)`` and Ray
 starts, places, restarts and kills it. This module does not import torch (the manager imports
 it to create replicas): the model, its device and the batch path live in
-``workers.runtime.ModelRuntime``, built inside the replica's own process.
+``nosq.workers.runtime.ModelRuntime``, built inside the replica's own process.
 
-Batches reach a replica two ways (``workers.channel``): from a manager on the same host through
+Batches reach a replica two ways (``nosq.workers.channel``): from a manager on the same host through
 shared memory and a Unix socket (the channel server this actor starts; ``ready()`` says its
 address), or through a Ray call to :meth:`run` with a ``BatchInput`` of numpy arrays.
 """
@@ -15,19 +15,19 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from workers import channel
-from workers.curve import ProfileOptions
-from workers.datapath import BatchInput, BatchOutput
-from workers.spec import ModelSpec
+from nosq.workers import channel
+from nosq.workers.datapath import BatchInput, BatchOutput
+from nosq.workers.profiles.curve import ProfileOptions
+from nosq.workers.spec import ModelSpec
 
 __all__ = ["ModelWorker"]
 
 
 class ModelWorker:
-    """One replica of ``spec``'s model (see ``workers.runtime.ModelRuntime`` for ``device``)."""
+    """One replica of ``spec``'s model (see ``nosq.workers.runtime.ModelRuntime`` for ``device``)."""
 
     def __init__(self, spec: ModelSpec, *, device: str | None = None, local_channel: bool = True) -> None:
-        from workers.runtime import ModelRuntime  # torch is imported here, in the replica's process
+        from nosq.workers.runtime import ModelRuntime  # torch is imported here, in the replica's process
 
         self.runtime = ModelRuntime(spec, device=device)
         self._channel: channel.ChannelServer | None = None

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from producer.errors import NosqError
+from nosq.producer.errors import NosqError
 
 __all__ = ["OutputMismatch", "collate", "shape_groups", "split", "to_numpy"]
 

@@ -17,7 +17,7 @@ its own host talks to it directly:
   the model (blamed, retried as a suspect) from those decoding, waiting or encoding beside it.
 
 A replica on another host, or a host without ``memfd``, is called through Ray instead
-(``workers.actor.ModelWorker.run``), with the same :class:`~workers.datapath.BatchInput`.
+(``nosq.workers.actor.ModelWorker.run``), with the same :class:`~nosq.workers.datapath.BatchInput`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ from typing import Any, Final
 import msgpack
 import numpy as np
 
-from workers.datapath import BatchInput, BatchOutput, pack
+from nosq.producer.errors import NosqError
+from nosq.producer.wire import ErrorCode
+from nosq.workers.datapath import BatchInput, BatchOutput, pack
 
 __all__ = [
     "ChannelClient",
@@ -76,11 +78,11 @@ class Stage(enum.IntEnum):
         return self is Stage.IN_MODEL
 
 
-class ChannelError(RuntimeError):
+class ChannelError(NosqError, RuntimeError):
     """The replica could not run the batch (its own error, not a lost connection)."""
 
 
-class ChannelLost(ConnectionError):
+class ChannelLost(NosqError, ConnectionError):
     """The connection to the replica broke: the replica process died or is gone."""
 
 
@@ -318,7 +320,7 @@ class ChannelClient:
         out_offsets = np.frombuffer(answer["o"], dtype=np.int64)
         buffer: Any = memoryview(self._output.map)[: int(out_offsets[-1])] if self._output is not None else b""
         return BatchOutput(buffer=buffer, offsets=out_offsets,
-                           failures={int(i): (code, message) for i, code, message in answer["f"]},
+                           failures={int(i): (ErrorCode(code), message) for i, code, message in answer["f"]},
                            not_run=frozenset(answer["n"]), exec_ms=float(answer["x"]), stages=answer["s"],
                            provenance=answer.get("p") or {})
 

@@ -5,7 +5,7 @@ hands out one callable per method (``method``), which the actor serves and profi
 is measured on what is served, and a compiled spec has its own fingerprint.
 
 * ``eager`` (default): the model's own methods.
-* ``trace``: one ``torch.jit.trace`` per method and batch bucket (``workers.curve.batch_sizes``
+* ``trace``: one ``torch.jit.trace`` per method and batch bucket (``nosq.workers.profiles.curve.batch_sizes``
   of the spec's ``max_batch``: 1, 2, 4, ..., max_batch), traced on first use of the bucket. A
   batch is padded to the next bucket by repeating its last item, and the padding's outputs
   are dropped. Tracing turns ``TracerWarning`` into errors: a trace that would bake in a
@@ -65,9 +65,9 @@ from typing import Any
 import torch
 from torch.jit._trace import TracerWarning
 
-from workers.curve import batch_sizes
-from workers.profiler import device_kind, is_out_of_memory
-from workers.spec import ModelSpec
+from nosq.workers.profiles.curve import batch_sizes
+from nosq.workers.profiles.measure import device_kind, is_out_of_memory
+from nosq.workers.spec import ModelSpec
 
 __all__ = ["DEFAULT_CACHE_DIR", "CompiledModel", "bucket_for", "cache_dir_for"]
 
@@ -191,7 +191,7 @@ class CompiledModel:
         sizes = [b for b in (2, *self.buckets[2:], 1) if b <= self.spec.max_batch]
         for name in self.spec.methods:
             for size in sizes:
-                # made as a served batch is (``workers.actor._Batch``): collated on the host
+                # made as a served batch is (``nosq.workers.actor._Batch``): collated on the host
                 # outside inference mode, moved to the device inside it; dynamo guards on that
                 batch = _stack(example.cpu(), size)
                 try:

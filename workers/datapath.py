@@ -3,26 +3,26 @@
 This module is the map of the data path; the steps it does not do itself are named here with
 the place that does them.
 
-1. **Stream → manager** (``manager.pipeline``): ``XREADGROUP`` gives each entry's payload as
+1. **Stream → manager** (``nosq.manager.serving.pipeline``): ``XREADGROUP`` gives each entry's payload as
    ``bytes`` (hiredis copies it out of the socket once). The manager never decodes a payload.
-2. **Manager → replica, one buffer** (:func:`pack` here; ``workers.channel``): the payloads of
+2. **Manager → replica, one buffer** (:func:`pack` here; ``nosq.workers.channel``): the payloads of
    a batch are written back to back into one buffer, with ``n + 1`` offsets. To a replica on
    the same host that buffer is a shared-memory segment (``memfd``) the replica maps: the
    bytes are copied once, by the manager, and only a small header crosses a Unix socket. To a
    replica elsewhere the buffer travels as a numpy array in a Ray call (out of band, never a
    pickled list).
 3. **Decode straight into one host buffer** (:func:`uniform_tensors` here;
-   ``workers.runtime``): when every item of the batch is the same msgpack tensor layout (same
+   ``nosq.workers.runtime``): when every item of the batch is the same msgpack tensor layout (same
    dtype, shape and header bytes, the common case), the items are one strided view of the
    buffer, checked in one vectorised comparison and copied once into the replica's staging
    buffer (page-locked on CUDA, reused across batches), which is copied to the device
    asynchronously. Other batches (JSON, mixed shapes, maps, lists) are decoded item by item.
-4. **Model** (``workers.runtime``): one call for the batch; a batch that raises is bisected.
+4. **Model** (``nosq.workers.runtime``): one call for the batch; a batch that raises is bisected.
 5. **Outputs encoded as a batch** (:func:`encode_tensor_rows` here): a tensor output whose rows
    are the items is encoded with one vectorised copy (the msgpack header of one item is the
    same for every item); anything else item by item. The encoded outputs are written back to
    back into the replica's output segment (or returned as a numpy array through Ray).
-6. **Envelope and Redis, once per request** (``manager.results``): each request's envelope is
+6. **Envelope and Redis, once per request** (``nosq.manager.serving.results``): each request's envelope is
    its small header spliced before its encoded output (never re-encoded), written with one
    ``SET NX EX``; the reply-stream notice carries the envelope only when it is small
    (``ManagerSettings.reply_inline_bytes``), otherwise just the id.
@@ -41,7 +41,8 @@ from typing import Any, Final
 import msgpack
 import numpy as np
 
-from producer.codec import DTYPES
+from nosq.producer.codec import DTYPES
+from nosq.producer.wire import ErrorCode
 
 __all__ = [
     "Alloc",
@@ -101,7 +102,7 @@ class BatchOutput:
 
     buffer: Any  # np.ndarray (through Ray) or a memoryview of a shared-memory segment
     offsets: Offsets
-    failures: dict[int, tuple[str, str]] = field(default_factory=dict)
+    failures: dict[int, tuple[ErrorCode, str]] = field(default_factory=dict)
     not_run: frozenset[int] = frozenset()
     exec_ms: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
@@ -129,7 +130,7 @@ class ItemResult:
 
     ok: bool
     out: bytes = b""
-    code: str = ""
+    code: ErrorCode | None = None
     message: str = ""
 
 
@@ -294,7 +295,7 @@ class _Reader:
 
 def encode_tensor_rows(ct: str, rows: np.ndarray[Any, Any], alloc: Alloc) -> tuple[Bytes, Offsets] | None:
     """Item ``i`` = ``rows[i]`` encoded as a tensor in ``ct``, all items back to back, with their
-    offsets: the same bytes ``producer.codec.encode_value`` gives each row. None when the dtype
+    offsets: the same bytes ``nosq.producer.codec.encode_value`` gives each row. None when the dtype
     has no wire form or the items are numbers (the caller then encodes item by item)."""
     name = rows.dtype.name
     if name not in DTYPES or rows.ndim < 2:  # one number per item travels as a number, not a 0-d tensor

@@ -1,9 +1,9 @@
-"""A model on its device, and how a batch runs through it (steps 3-5 of ``workers.datapath``).
+"""A model on its device, and how a batch runs through it (steps 3-5 of ``nosq.workers.datapath``).
 
-``ModelRuntime`` lives inside a replica process (``workers.actor.ModelWorker`` builds it): it
+``ModelRuntime`` lives inside a replica process (``nosq.workers.actor.ModelWorker`` builds it): it
 builds the model, decodes a batch into one host buffer, copies it to the device, runs the
 model, copies the output back and encodes it as a batch. Batches may arrive on several threads
-at once (one per in-flight slot of ``workers.channel``): each thread has its own staging
+at once (one per in-flight slot of ``nosq.workers.channel``): each thread has its own staging
 buffers and, on CUDA, its own stream, so one batch's decode, host-to-device copy and encode
 overlap another's time in the model; the model itself runs one batch at a time (a lock).
 On CUDA the staging buffers are page-locked and reused, and the copies are asynchronous.
@@ -30,14 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from producer.codec import decode_value, encode_value
-from producer.errors import NosqError
-from producer.wire import ErrorCode
-from workers.batching import OutputMismatch, collate, shape_groups, split, to_numpy
-from workers.channel import Stage
-from workers.compiling import CompiledModel
-from workers.curve import EXAMPLE_OPTION, ProfileError, ProfileOptions
-from workers.datapath import (
+from nosq.producer.codec import decode_value, encode_value
+from nosq.producer.errors import NosqError
+from nosq.producer.wire import ErrorCode
+from nosq.workers.batching import OutputMismatch, collate, shape_groups, split, to_numpy
+from nosq.workers.channel import Stage
+from nosq.workers.compiling import CompiledModel
+from nosq.workers.datapath import (
     Alloc,
     BatchInput,
     BatchOutput,
@@ -47,8 +46,9 @@ from workers.datapath import (
     pack_outputs,
     uniform_tensors,
 )
-from workers.profiler import Profiler, device_kind, example_from_options, input_signature, weights_bytes
-from workers.spec import ItemSchema, ModelSpec
+from nosq.workers.profiles.curve import EXAMPLE_OPTION, ProfileError, ProfileOptions
+from nosq.workers.profiles.measure import Profiler, device_kind, example_from_options, input_signature, weights_bytes
+from nosq.workers.spec import ItemSchema, ModelSpec
 
 __all__ = ["ModelLoadError", "ModelRuntime"]
 
@@ -78,7 +78,7 @@ class ModelRuntime:
         self.device = _resolve_device(spec, device or spec.device)
         factory = _import_factory(spec)
         kwargs = {k: v for k, v in spec.options.items() if k != EXAMPLE_OPTION}
-        if _takes_device(factory):  # e.g. workers.text: loads in the device's dtype, on the device
+        if _takes_device(factory):  # e.g. nosq.workers.text: loads in the device's dtype, on the device
             kwargs["device"] = self.device
         try:
             model = factory(**kwargs)
@@ -104,7 +104,7 @@ class ModelRuntime:
     def ready(self) -> dict[str, Any]:
         """Where the model lives and how big it is: pid, device, weights_bytes, rss_bytes, and
         what its profile is keyed by: device_kind and signature (None without an example input);
-        compile: ``workers.compiling.CompiledModel.status()`` (requested, active, error, ...)."""
+        compile: ``nosq.workers.compiling.CompiledModel.status()`` (requested, active, error, ...)."""
         try:
             signature: str | None = input_signature(self.example())
         except ProfileError:
@@ -139,7 +139,7 @@ class ModelRuntime:
 
     def profile(self, max_batch: int | None = None, options: ProfileOptions | None = None) -> dict[str, Any]:
         """Sweep batch sizes up to ``max_batch`` (default and ceiling: the spec's) on this
-        process's device and choose b*: ``workers.curve.Profile.to_dict()``. The allocator's
+        process's device and choose b*: ``nosq.workers.profiles.curve.Profile.to_dict()``. The allocator's
         cache of the largest sizes tried is then given back: the process keeps what serving at b*
         needs, which is what the registry reserves for it."""
         with self._model_lock:
@@ -214,14 +214,14 @@ class ModelRuntime:
                   alloc: Alloc = new_buffer) -> BatchOutput:
         """Decode, run ``batch.method`` on the batch, encode: one output (or failure) per item.
 
-        ``stage`` hears where the batch is (``workers.channel.Stage``); the encoded outputs are
+        ``stage`` hears where the batch is (``nosq.workers.channel.Stage``); the encoded outputs are
         written into ``alloc(size)``."""
         n = len(batch)
         spec = self.spec
         if batch.method not in spec.methods or not callable(getattr(self.model, batch.method, None)):
             message = f"model {spec.id!r} has no method {batch.method!r}; allowed: {', '.join(spec.methods)}"
             return BatchOutput(alloc(0), np.zeros(n + 1, np.int64),
-                               dict.fromkeys(range(n), (str(ErrorCode.UNKNOWN_METHOD), message)),
+                               dict.fromkeys(range(n), (ErrorCode.UNKNOWN_METHOD, message)),
                                frozenset(range(n)))
         stage(Stage.DECODING)
         clock = _Clock()
@@ -275,7 +275,7 @@ class ModelRuntime:
                 value = decode_value(batch.ct(index), batch.item(index))
                 runner.inputs[index] = value if schema is None else _conform(self.spec.id, value, schema)
             except Exception as exc:  # ProtocolError by contract; any other failure is the same to the client
-                runner.fail([index], str(ErrorCode.BAD_REQUEST), _message(exc), ran=False)
+                runner.fail([index], ErrorCode.BAD_REQUEST, _message(exc), ran=False)
 
     def _staging(self) -> _Staging:
         staging: _Staging | None = getattr(self._local, "staging", None)
@@ -387,7 +387,7 @@ class _Runner:
         self.rows: np.ndarray[Any, Any] | None = None
         self.outputs: list[Any] = [None] * n
         self.whole: np.ndarray[Any, Any] | None = None
-        self.failures: dict[int, tuple[str, str]] = {}
+        self.failures: dict[int, tuple[ErrorCode, str]] = {}
         self.not_run: set[int] = set()
         self.exec_ms = 0.0
         self._device_rows: torch.Tensor | None = None
@@ -399,7 +399,7 @@ class _Runner:
     def pending(self) -> list[int]:
         return [i for i in range(self.n) if i not in self.failures]
 
-    def fail(self, indices: list[int], code: str, message: str, *, ran: bool = True) -> None:
+    def fail(self, indices: list[int], code: ErrorCode, message: str, *, ran: bool = True) -> None:
         for index in indices:
             self.failures[index] = (code, message)
             if not ran:
@@ -440,7 +440,7 @@ class _Runner:
                 return
             outcome = self._split(raw, len(indices))
             if isinstance(outcome, OutputMismatch):
-                self.fail(indices, str(ErrorCode.OUTPUT_MISMATCH), str(outcome))
+                self.fail(indices, ErrorCode.OUTPUT_MISMATCH, str(outcome))
             else:
                 for index, value in zip(indices, outcome, strict=True):
                     self.outputs[index] = value
@@ -454,7 +454,7 @@ class _Runner:
             for group in shape_groups([self.inputs[i] for i in indices]):
                 self.run([indices[g] for g in group])
         elif len(indices) == 1:
-            self.fail(indices, str(ErrorCode.MODEL_ERROR), _message(error))
+            self.fail(indices, ErrorCode.MODEL_ERROR, _message(error))
         else:
             half = len(indices) // 2
             self.run(indices[:half])
@@ -474,7 +474,7 @@ class _Runner:
         finally:
             self.exec_ms += (time.perf_counter() - start) * 1000.0
         if isinstance(outcome, OutputMismatch):
-            self.fail(indices, str(ErrorCode.OUTPUT_MISMATCH), str(outcome))
+            self.fail(indices, ErrorCode.OUTPUT_MISMATCH, str(outcome))
             return
         for index, value in zip(indices, outcome, strict=True):
             self.outputs[index] = value
@@ -516,7 +516,7 @@ class _Runner:
             try:
                 items.append(encode_value(batch.ct(index), self.outputs[index]))
             except Exception as exc:  # ProtocolError by contract; whatever else, only this item fails
-                self.failures[index] = (str(ErrorCode.BAD_OUTPUT), _message(exc))
+                self.failures[index] = (ErrorCode.BAD_OUTPUT, _message(exc))
                 items.append(b"")
         buffer, offsets = pack_outputs(items, alloc)
         return BatchOutput(buffer, offsets, dict(self.failures), frozenset(self.not_run))

@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import itertools
 import json
+import logging
 import math
 import re
 import tomllib
@@ -19,12 +20,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from producer.codec import DTYPES
-from producer.errors import NosqError
-from workers.curve import EXAMPLE_OPTION
+from nosq.producer.codec import DTYPES
+from nosq.producer.errors import NosqError
+from nosq.workers.profiles.curve import EXAMPLE_OPTION
 
 __all__ = ["Bucketing", "ConfigError", "ItemSchema", "ModelSpec", "ServeConfig", "load_config"]
 
+log = logging.getLogger(__name__)
+# the built-in factories as spelled before the nosq namespace ("workers.demo:mlp"): still accepted,
+# read as their nosq.workers name (so both spellings share one fingerprint), with a warning
+_OLD_BUILTIN_FACTORY_RE = re.compile(r"^workers\.(demo|text):", re.ASCII)
 _FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$", re.ASCII)
 _METHOD_RE = re.compile(r"^[A-Za-z]\w*$", re.ASCII)
 # torch.compile's modes (``torch._inductor.list_mode_options``); "default" is what None means
@@ -70,7 +75,7 @@ class ItemSchema(BaseModel):
 
 
 class Bucketing(BaseModel):
-    """Batches formed by length (``manager.batcher.LengthBuckets``), for models whose cost grows
+    """Batches formed by length (``nosq.manager.serving.batcher.LengthBuckets``), for models whose cost grows
     with the length of each item (text): a request's bucket is the smallest edge (in tokens) at
     or above its estimated token count, payload bytes / ``bytes_per_token`` (the manager never
     decodes a payload); a batch takes requests of the oldest request's bucket, then of the
@@ -112,14 +117,14 @@ class ModelSpec(BaseModel):
     max_backlog: int | None = Field(default=None, ge=1)  # entries waiting before producers get QueueFull
     # batches by length (text models): None forms them in arrival order, up to max_batch items
     bucketing: Bucketing | None = None
-    # eager, torch.jit.trace per batch bucket, or torch.compile (``workers.compiling``)
+    # eager, torch.jit.trace per batch bucket, or torch.compile (``nosq.workers.compiling``)
     compile: Literal["eager", "trace", "compile"] = "eager"
     compile_mode: str | None = None  # torch.compile's mode; only with compile = "compile"
     compile_cache_dir: str | None = None  # default: ~/.cache/nosq/compile
     # custom Ray resources each replica needs, e.g. {node_a = 1}: pins the model to the nodes
     # started with them (``ray start --resources``); placement only, not part of the fingerprint
     resources: dict[str, float] = Field(default_factory=dict)
-    # autoscaling (manager.autoscaler): on when max_replicas > min_replicas; both default to replicas.
+    # autoscaling (nosq.manager.scaling.policy): on when max_replicas > min_replicas; both default to replicas.
     # min_replicas = 0 (scale to zero) unloads the model when idle: it needs on-demand loading
     min_replicas: int | None = Field(default=None, ge=0)
     max_replicas: int | None = Field(default=None, ge=1)
@@ -132,6 +137,9 @@ class ModelSpec(BaseModel):
     def _check_factory(cls, value: str) -> str:
         if not _FACTORY_RE.fullmatch(value):
             raise ValueError(f"factory must look like 'package.module:function', got {value!r}")
+        if _OLD_BUILTIN_FACTORY_RE.match(value):
+            log.warning("factory %r: the built-in models are nosq.%s now; write that in the config", value, value)
+            return f"nosq.{value}"
         return value
 
     @field_validator("methods")

@@ -1,6 +1,6 @@
 """Text embeddings from a Hugging Face model directory: strings in, one float32 vector each out.
 
-``embedder`` is a model factory (``factory = "workers.text:embedder"`` in a spec). It loads a
+``embedder`` is a model factory (``factory = "nosq.workers.text:embedder"`` in a spec). It loads a
 sentence-transformers model directory (``all-MiniLM-L6-v2``, for one) with ``transformers``
 alone, from a local path and never from the network:
 
@@ -24,7 +24,7 @@ tokenizer), sorted by their real token count and run in chunks that each stay un
 scikit-learn and scipy; sentence-transformers is the reference in the tests and the ``direct``
 baseline of ``benchmarks/embeddings.py``.
 
-Every batch tells its provenance (``batch_provenance()``, read by ``workers.runtime`` and put in
+Every batch tells its provenance (``batch_provenance()``, read by ``nosq.workers.runtime`` and put in
 each result's ``batch`` map): ``tokens``, the longest padded length it ran at, and ``padding``,
 the share of the token positions it computed that were padding.
 
@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nosq.producer.errors import NosqError
+
 __all__ = [
     "Pooling",
     "TextEmbedder",
@@ -71,9 +73,9 @@ _POOLING_TYPE = "sentence_transformers.models.Pooling"
 _TRANSFORMER_TYPE = "sentence_transformers.models.Transformer"
 
 
-class TextModelError(ValueError):
+class TextModelError(NosqError, ValueError):
     """A model directory that cannot be used (missing, incomplete, or an unsupported layout).
-    ``workers.runtime`` reports it as the model's ``ModelLoadError``."""
+    ``nosq.workers.runtime`` reports it as the model's ``ModelLoadError``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +306,7 @@ def embedder(path: str | None = None, package: str | None = None, *, cuda_dtype:
     ``bfloat16``); ``chunk_tokens``: the padded tokens one model call may compute (None: one call
     per batch); ``max_length``: cut texts at fewer tokens than the model's own limit;
     ``profile_tokens``: the length of the example text profiling uses; ``device``: where the
-    replica runs (``workers.runtime`` passes it)."""
+    replica runs (``nosq.workers.runtime`` passes it)."""
     if cuda_dtype not in CUDA_DTYPES:
         raise TextModelError(f"options.cuda_dtype must be one of {', '.join(CUDA_DTYPES)}, got {cuda_dtype!r}")
     if chunk_tokens is not None and chunk_tokens < 1:
@@ -345,11 +347,11 @@ def embedder(path: str | None = None, package: str | None = None, *, cuda_dtype:
 def profile_lengths(model: TextEmbedder, lengths: Sequence[int], *, max_batch: int, latency_budget_ms: float,
                     device: torch.device | None = None, options: Any = None, model_id: str = "text",
                     on_length: Callable[[int, dict[str, Any]], None] | None = None) -> dict[int, dict[str, Any]]:
-    """One profile (``workers.curve.Profile.to_dict()``) per text length in tokens: latency and
+    """One profile (``nosq.workers.profiles.curve.Profile.to_dict()``) per text length in tokens: latency and
     throughput against batch size for batches of texts of exactly that length, and b* for each.
-    ``options``: ``workers.curve.ProfileOptions``. Throughput per length bucket is each
+    ``options``: ``nosq.workers.profiles.curve.ProfileOptions``. Throughput per length bucket is each
     profile's best ``items_per_s`` (texts/s); tokens/s is that times the length."""
-    from workers.profiler import Profiler
+    from nosq.workers.profiles.measure import Profiler
 
     device = device or model._device()
     profiles: dict[int, dict[str, Any]] = {}

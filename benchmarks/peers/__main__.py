@@ -202,7 +202,7 @@ def _shared_ray(args: argparse.Namespace) -> Iterator[str | None]:
         return
     import ray
 
-    from manager.raycluster import connect, disconnect
+    from nosq.manager.runtime.raycluster import connect, disconnect
 
     # set before Ray starts: its worker processes (Serve's replicas, proxy, controller) take
     # the environment of the raylet, and import this package and the demo models
@@ -223,7 +223,7 @@ def _system(name: str, targets: list[Target], args: argparse.Namespace, url: str
     print(f"starting {name} ...", flush=True)
     if name == "nosq":
         from benchmarks.peers import nosq
-        from producer.settings import RedisSettings
+        from nosq.producer.settings import RedisSettings
 
         return nosq.running(targets, RedisSettings(url=url), ray_address=ray_address)
     if name in report.SERVE_SYSTEMS:
@@ -269,7 +269,7 @@ def _settle(name: str, url: str, model: str) -> None:
     """Let a queue drain what abandoned requests left, so the next point starts clean."""
     if name == "nosq":
         from benchmarks.peers.nosq import settle
-        from producer.settings import RedisSettings
+        from nosq.producer.settings import RedisSettings
 
         settle(RedisSettings(url=url), [model])
     elif name == "arq":
@@ -312,7 +312,7 @@ def _meta(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 def _check_unused(client: redis.Redis, url: str) -> None:
     """Refuse a db where a manager is serving: it would take half of our requests, and we its keys."""
-    from producer import keys
+    from nosq.producer import keys
 
     beats = sorted(k.decode() for k in client.scan_iter(keys.manager_heartbeat("*"), count=1000))
     if beats:

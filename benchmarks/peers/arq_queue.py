@@ -54,7 +54,7 @@ def _worker_main() -> int:
     import torch
 
     from benchmarks.peers.models import build_model
-    from workers.spec import ModelSpec
+    from nosq.workers.spec import ModelSpec
 
     specs = [ModelSpec.model_validate(s) for s in json.loads(args.specs)]
     threads = {s.threads for s in specs if s.threads is not None}

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import redis
 
-import workers
-from workers.curve import EXAMPLE_OPTION
-from workers.spec import ModelSpec, load_config
+from nosq import workers
+from nosq.workers.profiles.curve import EXAMPLE_OPTION
+from nosq.workers.spec import ModelSpec, load_config
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +29,7 @@ __all__ = ["QUICK_PROFILE", "Target", "build_model", "input_items", "resolve"]
 
 # a profile in seconds rather than tens of seconds: for --quick smoke runs
 QUICK_PROFILE = {"rounds": 1, "warmup": 1, "min_reps": 3, "max_reps": 20, "min_time_s": 0.01, "max_time_s": 0.1}
-# workers.demo.demo_config_path(), without importing torch (load processes never need it)
+# nosq.workers.demo.demo_config_path(), without importing torch (load processes never need it)
 DEMO_CONFIG = Path(workers.__file__).with_name("demo.toml")
 N_ITEMS = 16  # distinct input items each client cycles through
 
@@ -85,10 +85,10 @@ def input_items(shape: tuple[int, ...], n: int = N_ITEMS, seed: int = 0) -> list
 def resolve(model_id: str, *, device: str, threads: int | None, max_batch: int | None, given_batch: int | None,
             client: redis.Redis, quick: bool) -> Target:
     """The target for ``model_id``: b* from ``given_batch``, a stored profile, or a profile taken now."""
-    from manager.profiles import decode, profile_key, store_sync
-    from workers.actor import ModelWorker
-    from workers.curve import Profile, ProfileError
-    from workers.profiler import ProfileOptions, device_kind, input_signature
+    from nosq.manager.profiles.store import decode, profile_key, store_sync
+    from nosq.workers.actor import ModelWorker
+    from nosq.workers.profiles.curve import Profile, ProfileError
+    from nosq.workers.profiles.measure import ProfileOptions, device_kind, input_signature
 
     spec = served_spec(model_id, device=device, threads=threads, max_batch=given_batch or max_batch)
     # sets this process's torch threads to the spec's, as the actor does

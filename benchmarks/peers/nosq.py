@@ -1,6 +1,6 @@
 """nosq: producer -> Redis -> manager -> Ray actor -> result.
 
-The driver starts ``nosq serve`` (``manager.demo.start_manager``: Ray on loopback, no metrics
+The driver starts ``nosq serve`` (``nosq.manager.ops.demo.start_manager``: Ray on loopback, no metrics
 port) with a config holding exactly the run's specs, so the manager finds the stored profile of
 each and serves it with b*. A load process holds one ``AsyncProducer`` (one reply stream for all
 its clients) and sends one request per call, as an application would.
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks.peers.models import Target
-from producer import keys
-from producer.aio import AsyncProducer
-from producer.errors import NosqError
-from producer.settings import RedisSettings
+from nosq.producer import keys
+from nosq.producer.aio import AsyncProducer
+from nosq.producer.errors import NosqError
+from nosq.producer.settings import RedisSettings
 
 __all__ = ["NosqClient", "connect", "running", "settle"]
 
@@ -56,7 +56,7 @@ def _toml(value: Any) -> str:
 def running(targets: list[Target], settings: RedisSettings, *, ray_address: str | None) -> Iterator[dict[str, Any]]:
     """A manager serving ``targets`` until the block ends (SIGTERM, drained); it joins the Ray at
     ``ray_address``, or starts its own."""
-    from manager.demo import start_manager, stop_manager
+    from nosq.manager.ops.demo import start_manager, stop_manager
 
     config = Path(tempfile.mkdtemp(prefix="nosq-peers-")) / "peers.toml"
     config.write_text(config_toml(targets))

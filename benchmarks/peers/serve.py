@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from benchmarks.peers.models import Target, build_model
-from workers.spec import ModelSpec
+from nosq.workers.spec import ModelSpec
 
 __all__ = ["connect_handle", "running"]
 

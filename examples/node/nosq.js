@@ -40,7 +40,7 @@ const keys = Object.freeze({
   reply: (client) => `nosq:reply:{${client}}`,
 });
 
-/** XADD unless the model's published backlog limit is reached (producer/_common.py ENQUEUE_LUA). */
+/** XADD unless the model's published backlog limit is reached (producer/enqueue.py ENQUEUE_LUA). */
 const ENQUEUE_LUA = `
 local limit = redis.call('HGET', KEYS[2], 'max_backlog')
 if limit then

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from producer import RedisSettings
+from nosq.producer import RedisSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = ("direct", "nosq", "serve-handle", "serve-http", "arq")

@@ -28,18 +28,18 @@ from typing import Any
 import numpy as np
 import redis
 
-from manager.demo import start_manager, stop_manager
-from producer import NosqError, Producer, RedisSettings, keys
-from producer.wire import decode_envelope
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer import NosqError, Producer, RedisSettings, keys
+from nosq.producer.wire import decode_envelope
 from tests.manager.harness import results
 from tests.procs import descendants, reap_ray_of
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/7"  # db 7: the chaos/fuzz tier's own
 MODELS: list[dict[str, Any]] = [
-    {"id": "noop", "factory": "workers.demo:noop", "device": "cpu", "max_batch": 64, "num_cpus": 0.25,
+    {"id": "noop", "factory": "nosq.workers.demo:noop", "device": "cpu", "max_batch": 64, "num_cpus": 0.25,
      "threads": 1},
-    {"id": "mlp", "factory": "workers.demo:mlp", "device": "cpu", "max_batch": 32, "num_cpus": 0.5,
+    {"id": "mlp", "factory": "nosq.workers.demo:mlp", "device": "cpu", "max_batch": 32, "num_cpus": 0.5,
      "threads": 1},
 ]
 INPUT_SHAPES = {"noop": (8,), "mlp": (512,)}
@@ -140,7 +140,7 @@ def write_config(path: Path, models: list[dict[str, Any]] | None = None) -> Path
 
 
 def use_repo_pythonpath() -> None:
-    """Ray workers of the managers import ``workers.demo`` from this checkout."""
+    """Ray workers of the managers import ``nosq.workers.demo`` from this checkout."""
     paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 

@@ -37,7 +37,7 @@ from chaos_support import (
     write_config,
 )
 
-from producer import keys
+from nosq.producer import keys
 from tests.procs import ray_processes_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]

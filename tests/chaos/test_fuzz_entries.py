@@ -26,9 +26,9 @@ from chaos_support import ManagerProcess, db7, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer import keys
-from producer.codec import encode_value
-from producer.wire import REQUEST_ID_RE, decode_envelope, request_fields
+from nosq.producer import keys
+from nosq.producer.codec import encode_value
+from nosq.producer.wire import REQUEST_ID_RE, decode_envelope, request_fields
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 

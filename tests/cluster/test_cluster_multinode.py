@@ -34,11 +34,12 @@ import ray
 import redis
 from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
-from manager import dispatcher, raycluster
-from manager.demo import start_manager, stop_manager
-from producer import Handle, NosqError, Producer, RedisSettings, keys
-from producer.aio import AsyncProducer
-from producer.wire import decode_envelope
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.manager.runtime import raycluster
+from nosq.manager.serving import replicas as dispatcher
+from nosq.producer import Handle, NosqError, Producer, RedisSettings, keys
+from nosq.producer.aio import AsyncProducer
+from nosq.producer.wire import decode_envelope
 from tests.chaos.chaos_support import reply_notices
 from tests.cluster.cluster_support import LocalCluster
 from tests.cluster.conftest import REDIS_URL

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from producer.codec import decode_value, encode_value
-from workers.actor import ModelWorker
-from workers.datapath import batch_of
-from workers.spec import ModelSpec
+from nosq.producer.codec import decode_value, encode_value
+from nosq.workers.actor import ModelWorker
+from nosq.workers.datapath import batch_of
+from nosq.workers.spec import ModelSpec
 
 # --- test models (the worker imports their factories through this module's name) ------------
 

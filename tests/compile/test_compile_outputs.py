@@ -14,10 +14,10 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 
-from producer.codec import decode_value, encode_value
-from workers.actor import ModelWorker
-from workers.datapath import batch_of
-from workers.spec import ModelSpec
+from nosq.producer.codec import decode_value, encode_value
+from nosq.workers.actor import ModelWorker
+from nosq.workers.datapath import batch_of
+from nosq.workers.spec import ModelSpec
 
 SMALL: dict[str, dict[str, Any]] = {
     "noop": {},
@@ -32,7 +32,7 @@ Mode = Literal["eager", "trace", "compile"]
 
 
 def _spec(name: str, compile_as: Mode, cache: Path) -> ModelSpec:
-    return ModelSpec(id=name, factory=f"workers.demo:{name}", device="cpu", max_batch=MAX_BATCH, threads=1,
+    return ModelSpec(id=name, factory=f"nosq.workers.demo:{name}", device="cpu", max_batch=MAX_BATCH, threads=1,
                      options=SMALL[name], compile=compile_as, compile_cache_dir=str(cache))
 
 
@@ -89,7 +89,7 @@ def test_eager_status_and_untouched_model(cache: Path) -> None:
 
 
 def test_trace_profiles_the_traced_model(cache: Path) -> None:
-    from workers.profiler import ProfileOptions
+    from nosq.workers.profiles.measure import ProfileOptions
 
     worker = ModelWorker(_spec("mlp", "trace", cache))
     options = ProfileOptions(rounds=1, warmup=1, min_reps=2, max_reps=3, min_time_s=0.0, max_time_s=0.05)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from workers.compiling import DEFAULT_CACHE_DIR, _pad, _unpad, _Unpaddable, bucket_for, cache_dir_for
-from workers.spec import ModelSpec
+from nosq.workers.compiling import DEFAULT_CACHE_DIR, _pad, _unpad, _Unpaddable, bucket_for, cache_dir_for
+from nosq.workers.spec import ModelSpec
 
 
 def test_compile_defaults_and_choices() -> None:

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import redis
 
-from producer import RedisSettings, keys
-from producer._common import ENQUEUE_LUA
-from producer.codec import DTYPES, decode_value, encode_value
-from producer.wire import encode_envelope, parse_request
+from nosq.producer import RedisSettings, keys
+from nosq.producer.codec import DTYPES, decode_value, encode_value
+from nosq.producer.enqueue import ENQUEUE_LUA
+from nosq.producer.wire import encode_envelope, parse_request
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ ROUND_TRIP = textwrap.dedent("""
     major = int(redis.__version__.split(".")[0])
     assert major >= 6, "a producer-only install got redis-py " + redis.__version__ + ": held below 6"
     assert importlib.util.find_spec("hiredis") is not None, "redis[hiredis] was not installed"
-    from producer import AsyncProducer, Producer, RawTensor, RedisSettings, keys, wire
+    from nosq.producer import AsyncProducer, Producer, RawTensor, RedisSettings, keys, wire
     url = sys.argv[1]
     r = redis.Redis.from_url(url)
     stream = keys.requests("noop")

@@ -2,7 +2,7 @@
 
 * ``redis_db10``: db 10 flushed before and after each test, and a client on it.
 * ``ray_cluster``: one private Ray on 127.0.0.1 for the whole directory, started with
-  ``manager.raycluster.connect`` (so in-process managers join it and leave it running). It is
+  ``nosq.manager.runtime.raycluster.connect`` (so in-process managers join it and leave it running). It is
   shut down as soon as the last test of this directory has run, so a later directory (e.g.
   ``tests/workers``, which starts a Ray of its own) finds none.
 * An exclusive lock on db 10 for as long as these tests run: two runs of them at once would
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from manager import raycluster  # noqa: E402
+from nosq.manager.runtime import raycluster  # noqa: E402
 from tests.manager.harness import RAY_CPUS, REDIS_URL, flush_db10, redis_settings  # noqa: E402
 
 START_REDIS = 'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no'

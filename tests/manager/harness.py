@@ -19,12 +19,12 @@ import ray
 import redis
 import redis.asyncio
 
-from manager.service import Manager
-from manager.settings import ManagerSettings
-from producer import RedisSettings, keys
-from producer.codec import encode_value
-from producer.wire import Envelope, decode_envelope, request_fields
-from workers.spec import ModelSpec, ServeConfig
+from nosq.manager.service import Manager
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import RedisSettings, keys
+from nosq.producer.codec import encode_value
+from nosq.producer.wire import Envelope, decode_envelope, request_fields
+from nosq.workers.spec import ModelSpec, ServeConfig
 
 REDIS_URL = "redis://127.0.0.1:6379/10"  # db 10: the producer/examples tests use db 9
 RAY_CPUS = 4

@@ -24,13 +24,13 @@ import pytest
 import redis
 import redis.asyncio
 
-from manager.service import Manager
-from manager.settings import ManagerSettings
-from producer import RedisSettings
-from producer.errors import NosqError
+from nosq.manager.service import Manager
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import RedisSettings
+from nosq.producer.errors import NosqError
+from nosq.workers.spec import ModelSpec
 from tests.manager.harness import config, entry, locked_db, running_manager, spec, wait_envelope, wait_for, xadd_all
 from tests.manager.models import read_record
-from workers.spec import ModelSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
@@ -89,8 +89,8 @@ def replicas(manager: Manager, model: str) -> int:
 async def nosq_models(*args: str) -> dict[str, Any]:
     """``nosq models --json`` in its own process, as an operator runs it."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "manager.cli", "--log-level", "warning", "models", "--json", "--redis-url", REDIS_URL,
-        *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "nosq.manager.ops.cli", "--log-level", "warning", "models", "--json",
+        "--redis-url", REDIS_URL, *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()
     parsed: dict[str, Any] = json.loads(out)
@@ -103,13 +103,13 @@ def autoscale_row(view: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def scale_lines(caplog: pytest.LogCaptureFixture, model: str) -> list[str]:
-    messages = [r.getMessage() for r in caplog.records if r.name == "manager.scaling"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "nosq.manager.scaling.loop"]
     return [m for m in messages if m.startswith(f"model {model}:")]
 
 
 async def test_a_burst_scales_up_and_idle_scales_back_down(
         ray_repo: None, db8: redis.asyncio.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="manager.scaling")
+    caplog.set_level(logging.INFO, logger="nosq.manager.scaling.loop")
     record = tmp_path / "calls.jsonl"
     firsts = range(40)  # 8 s of work for one replica; the target is 1 s
     async with running_manager(config(scaled_spec("burst", record)), settings()) as manager:
@@ -143,7 +143,7 @@ async def test_a_burst_scales_up_and_idle_scales_back_down(
 
 async def test_scale_to_zero_unloads_and_a_request_brings_it_back_within_the_budget(
         ray_repo: None, db8: redis.asyncio.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="manager.scaling")
+    caplog.set_level(logging.INFO, logger="nosq.manager.scaling.loop")
     record = tmp_path / "calls.jsonl"
     model = scaled_spec("zero", record, min_replicas=0)
     # 100 MiB a replica (no stored profile), a 250 MiB budget: 2 replicas fit, the third does not

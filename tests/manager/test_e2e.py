@@ -12,11 +12,11 @@ import pytest
 import redis.asyncio
 import torch
 
-from manager.batcher import Reason
-from manager.demo import DEMO_INPUTS
-from producer import AsyncProducer
+from nosq.manager.ops.demo import DEMO_INPUTS
+from nosq.manager.serving.batcher import Reason
+from nosq.producer import AsyncProducer
+from nosq.workers import demo
 from tests.manager.harness import config, manager_settings, redis_settings, running_manager, spec
-from workers import demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 SHARED_MANAGER = True  # see redis_db10
@@ -36,7 +36,7 @@ REASONS = {str(r) for r in Reason}
 @pytest.fixture(scope="module")
 async def demo_manager(ray_cluster: None, module_db10: None) -> AsyncIterator[None]:
     serve = config(*(
-        spec(name, f"workers.demo:{name}", max_batch=64 if name == "mlp" else 8, options=options)
+        spec(name, f"nosq.workers.demo:{name}", max_batch=64 if name == "mlp" else 8, options=options)
         for name, (options, _) in DEMO.items()
     ))
     async with running_manager(serve, manager_settings()):

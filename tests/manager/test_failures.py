@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from producer import AsyncProducer, keys
-from producer.wire import ErrorCode, now_ms
+from nosq.producer import AsyncProducer, keys
+from nosq.producer.wire import ErrorCode, now_ms
 from tests.manager.harness import (
     config,
     entry,
@@ -63,7 +63,7 @@ async def served(
     records = tmp_path_factory.mktemp("records")
     served = Served(records / "picky.jsonl", records / "recorder.jsonl", records / "sleepy.jsonl")
     serve = config(
-        spec("noop", "workers.demo:noop", max_batch=64),
+        spec("noop", "nosq.workers.demo:noop", max_batch=64),
         spec("picky", "raising", max_batch=16, options={"delay_s": 0.2, "record": str(served.picky_record)}),
         spec("mismatch", "wrong_count", max_batch=16),
         spec("recorder", "slow", max_batch=16,

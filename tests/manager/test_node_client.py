@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from manager.batcher import Reason
+from nosq.manager.serving.batcher import Reason
 from tests.manager.harness import REDIS_URL, config, manager_settings, running_manager, spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
@@ -47,7 +47,7 @@ def node() -> str:
 
 @pytest.fixture(scope="module")
 async def noop_manager(ray_cluster: None, module_db10: None) -> AsyncIterator[None]:
-    async with running_manager(config(spec("noop", "workers.demo:noop")), manager_settings()):
+    async with running_manager(config(spec("noop", "nosq.workers.demo:noop")), manager_settings()):
         yield
 
 

@@ -24,9 +24,9 @@ import pytest
 import redis
 import redis.asyncio
 
-from producer import RedisSettings
-from producer.aio import AsyncProducer
-from producer.wire import Envelope, decode_envelope
+from nosq.producer import RedisSettings
+from nosq.producer.aio import AsyncProducer
+from nosq.producer.wire import Envelope, decode_envelope
 from tests.manager.harness import config, entry, locked_db, manager_settings, running_manager, spec, wait_for, xadd_all
 from tests.manager.harness import results as result_envelopes
 

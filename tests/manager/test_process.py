@@ -1,4 +1,4 @@
-"""The manager as its own process (``python -m manager.cli serve``): SIGKILL mid-load and a
+"""The manager as its own process (``python -m nosq.manager.ops.cli serve``): SIGKILL mid-load and a
 restart lose nothing; SIGTERM drains what was read and exits 0. Each manager starts its own
 Ray, which must go with it."""
 
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import redis
 
-from manager.demo import start_manager, stop_manager
-from producer import NosqError, Producer, keys
-from producer.wire import decode_envelope
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer import NosqError, Producer, keys
+from nosq.producer.wire import decode_envelope
 from tests.manager.harness import redis_settings, results
 from tests.manager.models import read_record
 from tests.procs import proc_table, ray_processes_of, reap_ray_of
@@ -79,9 +79,9 @@ def pending(db: redis.Redis, model: str) -> int:
 @pytest.mark.timeout(300)
 def test_sigkill_mid_load_then_restart_loses_nothing(db: redis.Redis, tmp_path: Path) -> None:
     config = write_config(tmp_path / "serve.toml", [
-        {"id": "noop", "factory": "workers.demo:noop", "device": "cpu", "max_batch": 64, "num_cpus": 0.25,
+        {"id": "noop", "factory": "nosq.workers.demo:noop", "device": "cpu", "max_batch": 64, "num_cpus": 0.25,
          "threads": 1},
-        {"id": "mlp", "factory": "workers.demo:mlp", "device": "cpu", "max_batch": 32, "num_cpus": 0.5,
+        {"id": "mlp", "factory": "nosq.workers.demo:mlp", "device": "cpu", "max_batch": 32, "num_cpus": 0.5,
          "threads": 1},
     ])
     settings = redis_settings()
@@ -217,7 +217,7 @@ def test_a_sigkilled_manager_takes_its_ray_along(db: redis.Redis, tmp_path: Path
     its process group): its reaper kills every process of its Ray (the GCS, the raylet, the
     agents and the actors) within seconds. Left alone, Ray's agents outlived it by 60-70 s."""
     config = write_config(tmp_path / "serve.toml", [
-        {"id": "noop", "factory": "workers.demo:noop", "device": "cpu", "num_cpus": 0.25, "threads": 1},
+        {"id": "noop", "factory": "nosq.workers.demo:noop", "device": "cpu", "num_cpus": 0.25, "threads": 1},
     ])
     manager = start_manager(redis_settings(), "--config", str(config), "--log-level", "warning",
                             "--no-profile-on-start", consumer="reaped")

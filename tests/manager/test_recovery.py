@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from producer import AsyncProducer, keys
-from producer.wire import ErrorCode
+from nosq.producer import AsyncProducer, keys
+from nosq.producer.wire import ErrorCode
 from tests.manager.harness import (
     config,
     entry,
@@ -151,7 +151,7 @@ async def test_janitor_reclaims_entries_of_a_dead_consumer(
 ) -> None:
     values = [1.0, 2.0, 3.0, 4.0, 5.0]
     settings = manager_settings(janitor_interval_s=0.2, min_idle_ms=500)
-    async with running_manager(config(spec("noop", "workers.demo:noop")), settings):
+    async with running_manager(config(spec("noop", "nosq.workers.demo:noop")), settings):
         taken = await _ghost_takes(redis_db10, "noop", values)
         envelopes = [await wait_envelope(redis_db10, rid, timeout_s=30) for rid, _ in taken]
 
@@ -168,7 +168,7 @@ async def test_janitor_dead_letters_an_entry_delivered_too_often(
     redis_db10: redis.asyncio.Redis,
 ) -> None:
     settings = manager_settings(janitor_interval_s=0.2, min_idle_ms=500, max_deliveries=5)
-    async with running_manager(config(spec("noop", "workers.demo:noop")), settings):
+    async with running_manager(config(spec("noop", "nosq.workers.demo:noop")), settings):
         (poison, poison_entry), (healthy, _) = await _ghost_takes(redis_db10, "noop", [1.0, 2.0], retrycount=5)
         dead = await wait_envelope(redis_db10, poison, timeout_s=30)
         ok = await wait_envelope(redis_db10, healthy, timeout_s=30)
@@ -244,7 +244,7 @@ async def test_manager_survives_its_stream_being_deleted(
     """An operator's ``DEL`` (or FLUSHDB) of a request stream: the reader, blocked on it, and
     the janitor, which claims from it, must recreate the group and go on serving."""
     settings = manager_settings(janitor_interval_s=0.1)
-    async with running_manager(config(spec("noop", "workers.demo:noop")), settings) as manager:
+    async with running_manager(config(spec("noop", "nosq.workers.demo:noop")), settings) as manager:
         assert (await producer.outcome(await producer.submit("noop", vec(1.0)))).ok
         await redis_db10.delete(keys.requests("noop"))
         await asyncio.sleep(0.5)  # the reader's blocking read returns; a few janitor passes run
@@ -264,7 +264,7 @@ async def test_a_model_served_by_another_manager_is_not_unknown(
     slow = spec("slow", "slow", max_batch=4, options={"delay_s": 0.3, "record": str(tmp_record)})
     settings_a = manager_settings(unknown_scan_interval_s=0.1)
     settings_b = manager_settings(unknown_scan_interval_s=0.1, inflight_per_replica=1)
-    async with running_manager(config(spec("noop", "workers.demo:noop")), settings_a), \
+    async with running_manager(config(spec("noop", "nosq.workers.demo:noop")), settings_a), \
             running_manager(config(slow), settings_b):
         # B announces its models from its heartbeat task, after start() returned: requests sent
         # at once can still be answered unknown_model by A (seen once in a loaded full run)
@@ -295,7 +295,7 @@ async def test_own_pending_entries_keep_their_delivery_count_across_a_restart(
     rows = await redis_db10.xpending_range(stream, keys.GROUP, "-", "+", 10)
     assert {r["message_id"]: r["times_delivered"] for r in rows}[poison_entry] == 6
 
-    async with running_manager(config(spec("noop", "workers.demo:noop")), settings):
+    async with running_manager(config(spec("noop", "nosq.workers.demo:noop")), settings):
         dead = await wait_envelope(redis_db10, poison, timeout_s=30)
         ok = await wait_envelope(redis_db10, healthy, timeout_s=30)
 

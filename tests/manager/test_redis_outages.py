@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from manager.resilience import RedisOutage
-from manager.service import Manager, State
-from producer import RedisSettings
+from nosq.manager.runtime.redislink import RedisOutage
+from nosq.manager.service import Manager, State
+from nosq.producer import RedisSettings
 from tests.chaos.chaos_support import AofRedis
 from tests.manager.harness import (
     config,
@@ -77,7 +77,7 @@ async def test_repeated_outages_each_under_the_limit_are_survived(aof: AofRedis)
                                 janitor_interval_s=0.5)
     client = redis.asyncio.Redis.from_url(aof.url)
     try:
-        async with running_manager(config(spec("noop", "workers.demo:noop")), settings) as manager:
+        async with running_manager(config(spec("noop", "nosq.workers.demo:noop")), settings) as manager:
             assert manager.metrics_server is not None
             port = manager.metrics_server.port
             await served(client, 1.0)
@@ -97,7 +97,7 @@ async def test_repeated_outages_each_under_the_limit_are_survived(aof: AofRedis)
 @pytest.mark.timeout(120)
 async def test_an_outage_past_the_limit_stops_the_manager_with_the_reason(aof: AofRedis) -> None:
     settings = manager_settings(redis=RedisSettings(url=aof.url), redis_outage_limit_s=3.0)
-    manager = Manager(config(spec("noop", "workers.demo:noop")), settings)
+    manager = Manager(config(spec("noop", "nosq.workers.demo:noop")), settings)
     run = asyncio.create_task(manager.run())
     try:
         client = redis.asyncio.Redis.from_url(aof.url)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from manager.demo import start_manager, stop_manager
-from producer import Producer, QueueFull, RedisSettings, keys
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer import Producer, QueueFull, RedisSettings, keys
 
-URL = "redis://127.0.0.1:6379/4"
+URL = "redis://127.0.0.1:6379/9"  # the db of the redis_db fixture, which every test here holds (lock, flush)
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 40
 CONFIG = f"""
@@ -32,10 +32,9 @@ options = {{ delay_s = 0.02 }}
 
 
 @pytest.fixture
-def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_db: RedisSettings) -> Iterator[None]:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    client = redis.Redis.from_url(URL)
-    client.flushdb()
+    assert redis_db.url == URL
     config = tmp_path / "slow.toml"
     config.write_text(CONFIG)
     process = start_manager(RedisSettings(url=URL), "--config", str(config), "--metrics-port", "-1",
@@ -44,7 +43,6 @@ def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     finally:
         assert stop_manager(process) == 0
-        client.flushdb()
 
 
 @pytest.mark.integration

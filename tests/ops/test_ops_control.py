@@ -9,16 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-from manager.demo import start_manager, stop_manager
-from producer import Producer, RedisSettings
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer import Producer, RedisSettings
 
-URL = "redis://127.0.0.1:6379/5"
+URL = "redis://127.0.0.1:6379/9"  # the db of the redis_db fixture, which every test here holds (lock, flush)
 CONFIG = """
 [[models]]
 id = "noop"
-factory = "workers.demo:noop"
+factory = "nosq.workers.demo:noop"
 device = "cpu"
 max_batch = 32
 num_cpus = 0.25
@@ -26,7 +25,7 @@ threads = 1
 
 [[models]]
 id = "mlp"
-factory = "workers.demo:mlp"
+factory = "nosq.workers.demo:mlp"
 device = "cpu"
 max_batch = 16
 num_cpus = 0.25
@@ -35,9 +34,8 @@ threads = 1
 
 
 @pytest.fixture
-def manager(tmp_path: Path) -> Iterator[None]:
-    client = redis.Redis.from_url(URL)
-    client.flushdb()
+def manager(tmp_path: Path, redis_db: RedisSettings) -> Iterator[None]:
+    assert redis_db.url == URL
     config = tmp_path / "models.toml"
     config.write_text(CONFIG)
     process = start_manager(RedisSettings(url=URL), "--config", str(config), "--cpu-budget-mib", "4096",
@@ -46,11 +44,10 @@ def manager(tmp_path: Path) -> Iterator[None]:
         yield
     finally:
         assert stop_manager(process) == 0
-        client.flushdb()
 
 
 def nosq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "manager.cli", "--redis-url", URL, "--log-level", "warning",
+    return subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", URL, "--log-level", "warning",
                            "models", *args], capture_output=True, text=True, timeout=300, check=False)
 
 

@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 
-from manager.demo import start_manager, stop_manager
-from producer import Producer, RedisSettings
+from nosq.manager.ops.demo import start_manager, stop_manager
+from nosq.producer import Producer, RedisSettings
 
-URL = "redis://127.0.0.1:6379/6"
+URL = "redis://127.0.0.1:6379/9"  # the db of the redis_db fixture, which every test here holds (lock, flush)
 CONFIG = """
 [[models]]
 id = "noop"
-factory = "workers.demo:noop"
+factory = "nosq.workers.demo:noop"
 device = "cpu"
 max_batch = 64
 num_cpus = 0.25
@@ -37,9 +36,8 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def manager(tmp_path: Path) -> Iterator[int]:
-    client = redis.Redis.from_url(URL)
-    client.flushdb()
+def manager(tmp_path: Path, redis_db: RedisSettings) -> Iterator[int]:
+    assert redis_db.url == URL
     config = tmp_path / "noop.toml"
     config.write_text(CONFIG)
     port = free_port()
@@ -49,7 +47,6 @@ def manager(tmp_path: Path) -> Iterator[int]:
         yield port
     finally:
         assert stop_manager(process) == 0
-        client.flushdb()
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -107,7 +104,7 @@ def test_metrics_health_and_status_during_a_load(manager: int) -> None:
     assert get(port, "/nope")[0] == 404
 
     for _ in range(10):  # heartbeats (which carry the traffic figures) refresh every few seconds
-        done = subprocess.run([sys.executable, "-m", "manager.cli", "--redis-url", URL, "status", "--json"],
+        done = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", URL, "status", "--json"],
                               capture_output=True, text=True, check=True, timeout=60)
         view = json.loads(done.stdout)
         (row,) = [m for m in view["models"] if m["model"] == "noop"]
@@ -117,6 +114,6 @@ def test_metrics_health_and_status_during_a_load(manager: int) -> None:
     assert row["served"] == 2001 and row["backlog"] == 0 and row["replicas"] == 1
     assert row["p50_ms"] > 0 and row["mean_batch"] >= 1
     assert [m["consumer"] for m in view["managers"]] == ["metrics-test"]
-    table = subprocess.run([sys.executable, "-m", "manager.cli", "--redis-url", URL, "status", "--once"],
+    table = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", URL, "status", "--once"],
                            capture_output=True, text=True, check=True, timeout=60).stdout
     assert "noop" in table and "metrics-test" in table

@@ -8,7 +8,7 @@ import pytest
 import redis
 from producer_fakes import FakeManager
 
-from producer import RedisSettings
+from nosq.producer import RedisSettings
 
 
 @pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.integration)])

@@ -17,9 +17,9 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from producer import RedisSettings, keys
-from producer.codec import decode_value, encode_value
-from producer.wire import BadEntry, Request, encode_envelope, parse_request
+from nosq.producer import RedisSettings, keys
+from nosq.producer.codec import decode_value, encode_value
+from nosq.producer.wire import BadEntry, Request, encode_envelope, parse_request
 
 Command = tuple[str, tuple[Any, ...], dict[str, Any]]
 Handler = Callable[[Request, Any], Any]

@@ -8,9 +8,9 @@ import inspect
 import pytest
 from redis.crc import key_slot
 
-import producer
-from producer import errors, keys
-from producer.wire import MODEL_ID_RE, REQUEST_ID_RE, BadEntry
+from nosq import producer
+from nosq.producer import errors, keys
+from nosq.producer.wire import MODEL_ID_RE, REQUEST_ID_RE, BadEntry
 
 EXPECTED_ALL = [
     "PROTOCOL_VERSION",
@@ -28,7 +28,7 @@ EXPECTED_ALL = [
     "RedisSettings",
     "RemoteError",
 ]
-MODULES = ["keys", "codec", "wire", "errors", "settings", "_common", "client", "aio"]
+MODULES = ["keys", "codec", "wire", "errors", "settings", "enqueue", "client", "aio"]
 
 
 def test_public_names_are_exactly_these() -> None:
@@ -76,6 +76,15 @@ def test_key_names() -> None:
     assert keys.cancel("r1") == "nosq:cancel:{r1}"
     assert keys.reply("c1") == "nosq:reply:{c1}"
     assert keys.registry("models") == "nosq:registry:models"
+    assert keys.registry_model("mlp") == "nosq:registry:model:mlp"
+    assert keys.registry_models() == "nosq:registry:models"
+    assert keys.registry_device("n1/gpu0") == "nosq:registry:device:n1/gpu0"
+    assert keys.registry_devices() == "nosq:registry:devices"
+    assert keys.registry_resident("n1/gpu0") == "nosq:registry:resident:n1/gpu0"
+    assert keys.registry_evictions() == "nosq:registry:evictions"
+    assert keys.registry_events() == "nosq:registry:events"
+    assert keys.registry_served() == "nosq:registry:served"
+    assert keys.registry_profile("mlp", "cpu", "float32[4]") == "nosq:registry:profile:mlp:cpu:float32[4]"
     assert keys.manager_heartbeat("host-1") == "nosq:mgr:host-1"
     assert keys.stream_pattern() == "nosq:{*}:req"
     assert keys.GROUP == "nosq" and keys.PREFIX == "nosq"

@@ -14,9 +14,7 @@ import torch
 from producer_fakes import Failure, FakeManager, result_writes
 from pydantic import ValidationError
 
-import producer.aio
-import producer.client
-from producer import (
+from nosq.producer import (
     AsyncProducer,
     Envelope,
     Handle,
@@ -30,7 +28,9 @@ from producer import (
     RemoteError,
     keys,
 )
-from producer.wire import DEFAULT_TTL_S, encode_envelope, now_ms
+from nosq.producer import aio as producer_aio
+from nosq.producer import client as producer_client
+from nosq.producer.wire import DEFAULT_TTL_S, encode_envelope, now_ms
 
 UNREACHABLE = RedisSettings(url="redis://127.0.0.1:1/0", connect_timeout_s=1)
 
@@ -221,9 +221,9 @@ def test_sync_queue_full(settings: RedisSettings, client: redis.Redis) -> None:
 def test_sync_result_key_without_completion(settings: RedisSettings, client: redis.Redis,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The safety check finds results whose completion never reached the reply stream."""
-    assert producer.client.SAFETY_CHECK_AFTER_S == 2.0
-    monkeypatch.setattr(producer.client, "SAFETY_CHECK_AFTER_S", 0.3)
-    monkeypatch.setattr(producer.client, "REPLY_BLOCK_MS", 100)
+    assert producer_client.SAFETY_CHECK_AFTER_S == 2.0
+    monkeypatch.setattr(producer_client, "SAFETY_CHECK_AFTER_S", 0.3)
+    monkeypatch.setattr(producer_client, "REPLY_BLOCK_MS", 100)
     with Producer(settings) as p:
         handle = p.submit("echo", 1)
         write_result_only(client, handle, "late")
@@ -237,7 +237,7 @@ def test_sync_result_key_without_completion(settings: RedisSettings, client: red
 
 def test_sync_stored_result_is_read_at_once(fake_settings: RedisSettings,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(producer.client, "SAFETY_CHECK_AFTER_S", 1.0)
+    monkeypatch.setattr(producer_client, "SAFETY_CHECK_AFTER_S", 1.0)
     client = fake_settings.client()
     other = Handle(id="made-elsewhere", model="echo", ct="msgpack", deadline_ms=None, ttl_s=60)
     write_result_only(client, other, "theirs")
@@ -476,9 +476,9 @@ async def test_async_queue_full(settings: RedisSettings, client: redis.Redis) ->
 
 async def test_async_result_key_without_completion(settings: RedisSettings, client: redis.Redis,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    assert (producer.aio.SAFETY_CHECK_AFTER_S, producer.aio.REPLY_BLOCK_MS) == (2.0, 1000)
-    monkeypatch.setattr(producer.aio, "SAFETY_CHECK_AFTER_S", 0.3)
-    monkeypatch.setattr(producer.aio, "REPLY_BLOCK_MS", 100)  # the check runs after an idle read
+    assert (producer_aio.SAFETY_CHECK_AFTER_S, producer_aio.REPLY_BLOCK_MS) == (2.0, 1000)
+    monkeypatch.setattr(producer_aio, "SAFETY_CHECK_AFTER_S", 0.3)
+    monkeypatch.setattr(producer_aio, "REPLY_BLOCK_MS", 100)  # the check runs after an idle read
     async with AsyncProducer(settings) as p:
         other = Handle(id="made-elsewhere", model="echo", ct="msgpack", deadline_ms=None, ttl_s=60)
         write_result_only(client, other, "theirs")
@@ -541,7 +541,7 @@ async def test_async_aclose_ends_pending_waits(settings: RedisSettings) -> None:
 
 async def test_async_reader_survives_connection_error(settings: RedisSettings, manager: FakeManager,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(producer.aio, "RECONNECT_DELAY_S", 0.01)
+    monkeypatch.setattr(producer_aio, "RECONNECT_DELAY_S", 0.01)
     async with AsyncProducer(settings) as p:
         redis_client = p._client()
         real_pipeline = redis_client.pipeline
@@ -574,8 +574,8 @@ async def test_async_reader_survives_connection_error(settings: RedisSettings, m
 
 async def test_async_safety_check_runs_under_load(settings: RedisSettings, client: redis.Redis,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(producer.aio, "SAFETY_CHECK_AFTER_S", 0.2)
-    monkeypatch.setattr(producer.aio, "REPLY_BLOCK_MS", 300)
+    monkeypatch.setattr(producer_aio, "SAFETY_CHECK_AFTER_S", 0.2)
+    monkeypatch.setattr(producer_aio, "REPLY_BLOCK_MS", 300)
     async with AsyncProducer(settings) as p:
         handle = await p.submit("echo", 1)
         write_result_only(client, handle, "lost completion")

@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import producer.codec
-from producer import ProtocolError, RawTensor
-from producer.codec import CONTENT_TYPES, DTYPES, MAX_DIMS, decode_value, encode_value
+from nosq.producer import ProtocolError, RawTensor
+from nosq.producer import codec as producer_codec
+from nosq.producer import wire as producer_wire
+from nosq.producer.codec import CONTENT_TYPES, DTYPES, MAX_DIMS, decode_value, encode_value
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TENSOR_KEYS = ({"dtype", "shape", "data"}, {"dtype", "shape", "b64"})
@@ -195,7 +196,7 @@ def test_decoded_arrays_are_little_endian_views() -> None:
 def test_without_numpy_tensors_decode_to_raw(monkeypatch: pytest.MonkeyPatch) -> None:
     array = np.arange(6, dtype=np.int16).reshape(2, 3)
     encoded = {ct: encode_value(ct, {"x": array}) for ct in CONTENT_TYPES}
-    monkeypatch.setattr(producer.codec, "np", None)
+    monkeypatch.setattr(producer_codec, "np", None)
     for ct, data in encoded.items():
         raw = decode_value(ct, data)["x"]
         assert raw == RawTensor("int16", (2, 3), little(array))
@@ -437,7 +438,7 @@ def test_pickles_inside_values_stay_bytes() -> None:
 
 def test_codec_modules_import_no_unpickler() -> None:
     forbidden = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
-    for module in (producer.codec, producer.wire):
+    for module in (producer_codec, producer_wire):
         tree = ast.parse(Path(module.__file__ or "").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):

@@ -13,9 +13,12 @@ import redis
 import redis.asyncio
 from producer_fakes import FakeManager
 
-import producer.aio
-from producer import AsyncProducer, Handle, NosqTimeout, Producer, QueueFull, RedisSettings, keys
-from producer._common import (
+from nosq.producer import AsyncProducer, Handle, NosqTimeout, Producer, QueueFull, RedisSettings, keys
+from nosq.producer import aio as producer_aio
+from nosq.producer import client as producer_client
+from nosq.producer import enqueue as producer_enqueue
+from nosq.producer.codec import decode_envelope_value, decode_value, encode_value
+from nosq.producer.enqueue import (
     ENQUEUE_BATCH_LUA,
     ENQUEUE_BATCH_SHA,
     ENQUEUE_CHUNK,
@@ -26,9 +29,8 @@ from producer._common import (
     plan_calls,
     read_notices,
 )
-from producer.codec import decode_envelope_value, decode_value, encode_value
-from producer.resp import pack_command
-from producer.wire import encode_envelope, now_ms
+from nosq.producer.resp import pack_command
+from nosq.producer.wire import encode_envelope, now_ms
 
 REQ = keys.requests("echo")
 ADMISSION = keys.admission("echo")
@@ -120,7 +122,7 @@ async def test_several_models_and_options_in_one_round_trip(settings: RedisSetti
 
 async def test_a_script_call_is_bounded(settings: RedisSettings, manager: FakeManager,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(producer._common, "ENQUEUE_CHUNK", 40)
+    monkeypatch.setattr(producer_enqueue, "ENQUEUE_CHUNK", 40)
     async with AsyncProducer(settings) as p:
         trips = await spy_round_trips(p, monkeypatch)
         handles = await p.submit_many("echo", range(100))
@@ -246,7 +248,7 @@ def test_the_batch_script_and_the_scripts_for_other_clients(settings: RedisSetti
 async def test_async_id_only_notices_are_read_from_the_result_keys(
         settings: RedisSettings, inline_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """inline_limit 0: every notice is id-only; 400: small results inline, large ones id-only."""
-    monkeypatch.setattr(producer.aio, "SAFETY_CHECK_AFTER_S", 60.0)  # only the notices can resolve them
+    monkeypatch.setattr(producer_aio, "SAFETY_CHECK_AFTER_S", 60.0)  # only the notices can resolve them
     manager = FakeManager(inline_limit=inline_limit)
     big = np.arange(256, dtype=np.float64)
     async with AsyncProducer(settings) as p, manager.arunning(settings):
@@ -265,7 +267,7 @@ async def test_async_id_only_notices_are_read_from_the_result_keys(
 @pytest.mark.parametrize("inline_limit", [0, 400])
 def test_sync_id_only_notices_are_read_from_the_result_keys(
         settings: RedisSettings, client: redis.Redis, inline_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(producer.client, "SAFETY_CHECK_AFTER_S", 60.0)
+    monkeypatch.setattr(producer_client, "SAFETY_CHECK_AFTER_S", 60.0)
     manager = FakeManager(inline_limit=inline_limit)
     big = np.arange(256, dtype=np.float64)
     with Producer(settings) as p:

@@ -1,4 +1,4 @@
-"""Hand-packed command pipelines (producer.resp) against the real Redis: the same effect and
+"""Hand-packed command pipelines (nosq.producer.resp) against the real Redis: the same effect and
 replies as redis-py's own commands, errors in place, large values by reference."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import redis
 import redis.asyncio
 
-from producer import resp
-from producer.resp import Commands, read_group
-from producer.settings import RedisSettings
+from nosq.producer import resp
+from nosq.producer.resp import Commands, read_group
+from nosq.producer.settings import RedisSettings
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer import ErrorCode, ProtocolError, wire
-from producer.codec import CONTENT_TYPES, decode_value, encode_value
-from producer.wire import (
+from nosq.producer import ErrorCode, ProtocolError, wire
+from nosq.producer.codec import CONTENT_TYPES, decode_value, encode_value
+from nosq.producer.wire import (
     DEFAULT_TTL_S,
     MAX_TTL_S,
     PROTOCOL_VERSION,

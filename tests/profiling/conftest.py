@@ -2,7 +2,7 @@
 
 * ``redis_db11``: RedisSettings on db 11, flushed before and after each test, under an
   exclusive file lock (two runs of these tests at once would flush each other's keys).
-* ``ray_cluster``: Ray started with ``manager.raycluster.connect(None, 4)`` (loopback), shared
+* ``ray_cluster``: Ray started with ``nosq.manager.runtime.raycluster.connect(None, 4)`` (loopback), shared
   by every test here that needs it and shut down after the last test of this directory, so a
   later directory that starts a Ray of its own finds none.
 
@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from manager import raycluster  # noqa: E402
-from producer import RedisSettings  # noqa: E402
+from nosq.manager.runtime import raycluster  # noqa: E402
+from nosq.producer import RedisSettings  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
 START_REDIS = 'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no'

@@ -10,10 +10,10 @@ import math
 
 import pytest
 
-from manager.batcher import DEADLINE_MARGIN_MS, Batcher, LatencyModel, Reason
-from manager.profiles import decode, encode, latency_model, profile_key
-from producer.wire import Request
-from workers.curve import (
+from nosq.manager.profiles.store import decode, encode, latency_model, profile_key
+from nosq.manager.serving.batcher import DEADLINE_MARGIN_MS, Batcher, LatencyModel, Reason
+from nosq.producer.wire import Request
+from nosq.workers.profiles.curve import (
     OutOfMemory,
     Plan,
     Point,
@@ -26,7 +26,7 @@ from workers.curve import (
     merge,
     sweep,
 )
-from workers.spec import ModelSpec
+from nosq.workers.spec import ModelSpec
 
 MIB = 1024 * 1024
 
@@ -44,15 +44,18 @@ def plan(*, cap: int = 64, budget_ms: float = 100.0, limit_mib: float = 1024.0, 
 
 
 PUBLIC = {
-    "workers.curve": ["EXAMPLE_OPTION", "MIB", "PROFILE_VERSION", "Measurement", "OutOfMemory", "Plan", "Point",
-                      "Profile", "ProfileError", "ProfileOptions", "Stop", "assemble", "batch_sizes", "choose",
-                      "measurement_from_dict", "merge", "sweep"],
-    "workers.profiler": ["ProfileOptions", "Profiler", "device_kind", "example_from_options", "input_signature",
-                         "is_out_of_memory", "weights_bytes"],
-    "manager.profiles": ["ProfileRecord", "decode", "encode", "ensure_profile", "latency_model", "load",
-                         "profile_key", "store", "store_sync"],
-    "manager.profiling": ["profile_in_actor"],
-    "manager.profile_report": ["ProgressBar", "format_table", "write_plot"],
+    "nosq.workers.profiles.curve": [
+        "EXAMPLE_OPTION", "MIB", "PROFILE_VERSION", "Measurement", "OutOfMemory", "Plan", "Point", "Profile",
+        "ProfileError", "ProfileOptions", "Stop", "assemble", "batch_sizes", "choose", "measurement_from_dict",
+        "merge", "sweep"],
+    "nosq.workers.profiles.measure": [
+        "ProfileOptions", "Profiler", "device_kind", "example_from_options", "input_signature", "is_out_of_memory",
+        "weights_bytes"],
+    "nosq.manager.profiles.store": [
+        "ProfileRecord", "decode", "encode", "ensure_profile", "latency_model", "load", "profile_key", "store",
+        "store_sync"],
+    "nosq.manager.profiles.standalone": ["profile_in_actor"],
+    "nosq.manager.profiles.report": ["ProgressBar", "format_table", "write_plot"],
 }
 
 

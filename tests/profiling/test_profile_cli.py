@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from manager.cli import main
-from manager.profiles import profile_key
-from producer import RedisSettings
-from workers.curve import Profile
+from nosq.manager.ops.cli import main
+from nosq.manager.profiles.store import profile_key
+from nosq.producer import RedisSettings
+from nosq.workers.profiles.curve import Profile
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.ray
 
 def nosq(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "manager.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=180, check=False)
 
 
@@ -49,7 +49,7 @@ def test_profile_table_and_progress_bar(ray_cluster: None, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """In this process (joining the tests' Ray, which it leaves running): the human output."""
     config = tmp_path / "models.toml"
-    config.write_text('[[models]]\nid = "tiny"\nfactory = "workers.demo:mlp"\ndevice = "cpu"\nmax_batch = 8\n'
+    config.write_text('[[models]]\nid = "tiny"\nfactory = "nosq.workers.demo:mlp"\ndevice = "cpu"\nmax_batch = 8\n'
                       'latency_budget_ms = 50.0\nthreads = 1\noptions = { d_in = 16, d_hidden = 32, d_out = 4 }\n')
     plot = tmp_path / "out" / "tiny.png"
     code = main(["profile", "tiny", "--config", str(config), "--device", "cpu", "--max-batch", "4",

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from manager.profiles import load, profile_key, store
-from manager.service import Manager
-from manager.settings import ManagerSettings
-from producer import RedisSettings, keys
-from producer.codec import encode_value
-from producer.wire import Envelope, decode_envelope, now_ms, request_fields
-from workers.curve import Plan, Point, Stop, assemble, batch_sizes
-from workers.spec import ModelSpec, ServeConfig
+from nosq.manager.profiles.store import load, profile_key, store
+from nosq.manager.service import Manager
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import RedisSettings, keys
+from nosq.producer.codec import encode_value
+from nosq.producer.wire import Envelope, decode_envelope, now_ms, request_fields
+from nosq.workers.profiles.curve import Plan, Point, Stop, assemble, batch_sizes
+from nosq.workers.spec import ModelSpec, ServeConfig
 
 pytestmark = pytest.mark.ray
 
@@ -54,7 +54,7 @@ async def stored(client: redis.asyncio.Redis, spec: ModelSpec, signature: str) -
 
 
 def noop_spec(**changes: Any) -> ModelSpec:
-    fields: dict[str, Any] = {"id": "noop", "factory": "workers.demo:noop", "device": "cpu", "max_batch": 16,
+    fields: dict[str, Any] = {"id": "noop", "factory": "nosq.workers.demo:noop", "device": "cpu", "max_batch": 16,
                               "latency_budget_ms": 20.0, "num_cpus": 0.25, "threads": 1}
     return ModelSpec(**(fields | changes))
 
@@ -99,7 +99,7 @@ async def test_changed_options_invalidate_and_profile_on_start_off_serves_unprof
         redis_db11: RedisSettings) -> None:
     client = redis_db11.async_client()
     try:
-        spec = ModelSpec(id="mlp", factory="workers.demo:mlp", options={"d_in": 8})
+        spec = ModelSpec(id="mlp", factory="nosq.workers.demo:mlp", options={"d_in": 8})
         profile = synthetic_profile(spec, "float32[8]", p50_ms={1: 1.0, 2: 1.5})
         await store(client, profile)
         assert await load(client, spec, "cpu", "float32[8]") == profile

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
 import pytest
 import ray
 
-from workers.actor import ModelWorker
-from workers.curve import Profile, ProfileError
-from workers.demo import demo_config_path
-from workers.spec import ModelSpec, load_config
+from nosq.workers.actor import ModelWorker
+from nosq.workers.demo import demo_config_path
+from nosq.workers.profiles.curve import Profile, ProfileError
+from nosq.workers.profiles.measure import weights_bytes
+from nosq.workers.spec import ModelSpec, load_config
 
 MODELS = "tests.profiling.models"
 
 
 def demo_spec(model: str, **changes: Any) -> ModelSpec:
     return load_config(demo_config_path()).model(model).model_copy(update=changes)
+
+
+def model_bytes(spec: ModelSpec) -> int:
+    """The bytes of parameters and buffers of the model ``spec`` builds, built here."""
+    module_name, _, name = spec.factory.partition(":")
+    options = {k: v for k, v in spec.options.items() if k != "example"}
+    return weights_bytes(getattr(importlib.import_module(module_name), name)(**options))
 
 
 def check_curve(profile: Profile, spec: ModelSpec) -> None:
@@ -28,10 +37,14 @@ def check_curve(profile: Profile, spec: ModelSpec) -> None:
     for p in profile.points:
         assert 0 < p.p50_ms <= p.p95_ms
         assert p.items_per_s == pytest.approx(p.batch * 1000.0 / p.p50_ms)
+        # measured above the baseline, and past the limit only where the sweep stopped for it
         assert isinstance(p.memory_bytes, int) and p.memory_bytes >= 0
+        assert p.memory_bytes <= profile.plan.memory_limit_bytes or (
+            profile.stop.reason == "over_memory" and p.batch == profile.stop.batch), (p, profile.stop)
         assert p.reps >= 3
     assert profile.plan.fingerprint == spec.fingerprint()
-    assert profile.plan.weights_bytes >= 0 and profile.plan.memory_limit_bytes > 0
+    assert profile.plan.weights_bytes == model_bytes(spec)
+    assert profile.plan.memory_limit_bytes > 0
     assert profile.plan.memory_method in ("rss_sampled", "cuda_max_reserved")
     chosen = profile.point(profile.best_batch)
     assert chosen is not None and 1 <= profile.best_batch <= spec.max_batch

@@ -4,7 +4,7 @@ processes, the actor processes read from ``/proc``, and the registry's events re
 * ``RayHead``: ``ray start --head --block`` on loopback with its own temp dir and free ports, in
   a session of its own; ``stop()`` kills that process group by pid (never ``ray stop``, which
   would stop every Ray on the machine) and then any worker process its raylet left.
-* ``ManagerProcess``: ``python -m manager.cli serve`` joined to that head (its auth token is
+* ``ManagerProcess``: ``python -m nosq.manager.ops.cli serve`` joined to that head (its auth token is
   the head's own, in the temp dir); ``stop()`` is SIGTERM
   and a bounded drain, then SIGKILL of its group.
 * ``model_workers(raylet_pid)``: pid -> RSS of the live ``ray::ModelWorker`` processes that
@@ -33,8 +33,8 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from manager.registry import EVENTS_CHANNEL, ModelState, parse_event
-from producer import keys
+from nosq.manager.memory.registry import EVENTS_CHANNEL, ModelState, parse_event
+from nosq.producer import keys
 from tests.procs import children
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,7 +131,7 @@ class RayHead:
 
 
 class ManagerProcess:
-    """``nosq serve`` (``python -m manager.cli serve``) as a process of its own."""
+    """``nosq serve`` (``python -m nosq.manager.ops.cli serve``) as a process of its own."""
 
     def __init__(self, consumer: str, url: str, args: list[str], log_path: Path, head: RayHead) -> None:
         self.consumer = consumer
@@ -142,7 +142,7 @@ class ManagerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "manager.cli", "--redis-url", self.url, "--log-level", "info",
+        command = [sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", self.url, "--log-level", "info",
                    "serve", "--consumer", self.consumer, "--ray-address", self.head.address, *self.args]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,

@@ -19,8 +19,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from manager.registry import Outcome, Registry
-from producer import keys
+from nosq.manager.memory.registry import Outcome, Registry
+from nosq.producer import keys
 
 REGISTRY_DB = 13
 
@@ -75,7 +75,7 @@ def ready_model(any_client: redis.asyncio.Redis) -> ReadyModel:
         assert reservation.outcome is Outcome.RESERVED, reservation
         await reg.mark_ready(model, replicas=1, load_ms=fields.pop("load_ms", 0))
         if fields:
-            await any_client.hset(keys.registry(f"model:{model}"),
+            await any_client.hset(keys.registry_model(model),
                                   mapping={k: str(v) for k, v in fields.items()})  # type: ignore[misc]
 
     return make

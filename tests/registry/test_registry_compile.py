@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from manager.service import Manager
-from manager.settings import ManagerSettings
-from producer import RedisSettings
+from nosq.manager.service import Manager
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import RedisSettings
+from nosq.workers.spec import ModelSpec, ServeConfig
 from tests.manager.harness import entry, wait_envelope, xadd_all
 from tests.registry.test_registry_manager import nosq_models_json
-from workers.spec import ModelSpec, ServeConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from manager import eviction
-from manager.eviction import (
+from nosq.manager.memory import eviction
+from nosq.manager.memory.eviction import (
     MIB,
     MIN_READY_MS,
     POLICY_NAMES,

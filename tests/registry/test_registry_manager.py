@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from manager.profiles import store
-from manager.registry import Registry
-from manager.service import Manager
-from manager.settings import ManagerSettings
-from producer import RedisSettings
+from nosq.manager.memory.registry import Registry
+from nosq.manager.profiles.store import store
+from nosq.manager.service import Manager
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import RedisSettings
+from nosq.workers.profiles.curve import Plan, Point, Profile, Stop
+from nosq.workers.spec import ModelSpec, ServeConfig
 from tests.manager.harness import config, entry, spec, wait_envelope, xadd_all
-from workers.curve import Plan, Point, Profile, Stop
-from workers.spec import ModelSpec, ServeConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
@@ -107,7 +107,7 @@ async def serve_burst(client: redis.asyncio.Redis, model: str, tag: float) -> No
 
 
 def nosq_models_json(url: str) -> dict[str, list[dict[str, object]]]:
-    done = subprocess.run([sys.executable, "-m", "manager.cli", "--log-level", "warning", "models", "--json",
+    done = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--log-level", "warning", "models", "--json",
                            "--redis-url", url], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
     parsed: dict[str, list[dict[str, object]]] = json.loads(done.stdout)
     return parsed

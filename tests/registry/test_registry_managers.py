@@ -7,7 +7,7 @@ Set-up (issue #5, "budget smaller than the sum of the models, 2 to 3 managers at
   the end) that the three managers join with ``--ray-address``: every actor process is then a
   child of one raylet, where the test finds and measures it, and the 2-core machine runs one
   Ray, not three. The head is shared by the policies' runs (module fixture).
-* Three ``nosq serve`` processes (``python -m manager.cli serve``) on db 2, with the same node
+* Three ``nosq serve`` processes (``python -m nosq.manager.ops.cli serve``) on db 2, with the same node
   name and the same CPU budget (``--cpu-budget-mib``), serving four ``tests.registry.ballast``
   models that hold 48, 64, 80 and 96 MiB of written weights. Each model's stored profile says
   weights + 4 MiB at b*, so the registry counts 52 + 68 + 84 + 100 = 304 MiB against a budget
@@ -38,7 +38,7 @@ streams are empty with nothing pending; every actor of an evicted model exited w
 seconds when the 2 cores are saturated, so (b) is what bounds the real memory meanwhile); after
 the managers stop, no actor is left and the registry counts nothing. The eviction log
 (``Registry.evictions``) holds each decision with the candidates' policy fields: the victims
-chosen must be those ``manager.eviction`` chooses from the same candidates at the same time,
+chosen must be those ``nosq.manager.memory.eviction`` chooses from the same candidates at the same time,
 under the policy that was configured, and the candidates' ``loaded_at`` must follow the order
 of the registry's ``ready`` events (load order, seen independently on Pub/Sub). The run must
 have loaded and evicted several times, by more than one manager.
@@ -68,17 +68,17 @@ import redis
 import redis.asyncio
 import torch
 
-from manager.profiles import store
-from manager.registry import Eviction, ModelState, Registry
-from producer import Producer, RedisSettings, keys
-from producer.wire import decode_envelope
+from nosq.manager.memory.registry import Eviction, ModelState, Registry
+from nosq.manager.profiles.store import store
+from nosq.producer import Producer, RedisSettings, keys
+from nosq.producer.wire import decode_envelope
+from nosq.workers.profiles.curve import Plan, Point, Profile, Stop
+from nosq.workers.profiles.measure import input_signature
+from nosq.workers.spec import ModelSpec, load_config
 from tests.chaos.chaos_support import reply_notices
 from tests.manager.harness import results
 from tests.registry.ballast import read_records, rss_bytes
 from tests.registry.budget_support import EventLog, ManagerProcess, RayHead, start_managers
-from workers.curve import Plan, Point, Profile, Stop
-from workers.profiler import input_signature
-from workers.spec import ModelSpec, load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
@@ -310,7 +310,7 @@ def check_decisions(decisions: list[Eviction], events: list[tuple[float, ModelSt
 
 def busy_skips(decisions: list[Eviction], policy: str) -> int:
     """Decisions where the policy's first READY candidate had batches in flight (so was passed over)."""
-    from manager.eviction import policy as policy_named
+    from nosq.manager.memory.eviction import policy as policy_named
 
     order = policy_named(policy)
     skipped = 0

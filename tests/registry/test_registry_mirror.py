@@ -12,9 +12,9 @@ import random
 import pytest
 import redis.asyncio
 
-from manager.eviction import MIB, POLICY_NAMES, ModelState, Resident, choose_victims, policy
-from manager.registry import Outcome, Registry, Reservation, Victim
-from producer import keys
+from nosq.manager.memory.eviction import MIB, POLICY_NAMES, ModelState, Resident, choose_victims, policy
+from nosq.manager.memory.registry import Outcome, Registry, Reservation, Victim
+from nosq.producer import keys
 
 SUFFIXES = ["a", "A", "b", "B", "aa", "Ab", "_x", "-y", ".z", "0", "9", "Z"]
 CASES_PER_POLICY = 100
@@ -36,14 +36,14 @@ def random_device(rng: random.Random, case: str) -> list[Resident]:
 async def write_device(client: redis.asyncio.Redis, node: str, residents: list[Resident], budget: int) -> None:
     pipe = client.pipeline(transaction=False)
     for r in residents:
-        pipe.hset(keys.registry(f"model:{r.model}"), mapping={
+        pipe.hset(keys.registry_model(r.model), mapping={
             "state": r.state.value, "node": node, "device": "gpu", "bytes": r.nbytes, "owner": "o",
             "loaded_at": r.loaded_at_ms, "last_used": r.last_used_ms, "uses": r.uses, "inflight": r.inflight,
             "backlog": r.backlog, "load_ms": int(r.reload_ms)})
-        pipe.sadd(keys.registry(f"resident:{node}/gpu"), r.model)
-    pipe.hset(keys.registry(f"device:{node}/gpu"), mapping={
+        pipe.sadd(keys.registry_resident(f"{node}/gpu"), r.model)
+    pipe.hset(keys.registry_device(f"{node}/gpu"), mapping={
         "node": node, "device": "gpu", "budget_bytes": budget, "used_bytes": sum(r.nbytes for r in residents)})
-    pipe.sadd(keys.registry("devices"), f"{node}/gpu")
+    pipe.sadd(keys.registry_devices(), f"{node}/gpu")
     await pipe.execute()
 
 

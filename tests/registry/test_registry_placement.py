@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from manager import placement
-from manager.placement import Packing, first_fit, gpu_fraction, gpu_steps, pack
+from nosq.manager.memory import placement
+from nosq.manager.memory.placement import Packing, first_fit, gpu_fraction, gpu_steps, pack
 
 GIB = 1024**3
 H100 = 80 * GIB

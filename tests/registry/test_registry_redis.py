@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 import redis.asyncio
 
-from manager import registry as registry_module
-from manager.eviction import MIN_READY_MS
-from manager.registry import (
+from nosq.manager.memory import registry as registry_module
+from nosq.manager.memory.eviction import MIN_READY_MS
+from nosq.manager.memory.registry import (
     EVENTS_CHANNEL,
     ModelState,
     Outcome,
@@ -21,18 +21,18 @@ from manager.registry import (
     Victim,
     parse_event,
 )
-from producer import keys
+from nosq.producer import keys
 
 NODE, GPU = "n1", "cuda:0"
 ReadyModel = Callable[..., Awaitable[None]]  # the conftest fixture of that name
 
 
 async def used(client: redis.asyncio.Redis, device: str = GPU) -> int:
-    return int(await client.hget(keys.registry(f"device:{NODE}/{device}"), "used_bytes") or 0)  # type: ignore[misc]
+    return int(await client.hget(keys.registry_device(f"{NODE}/{device}"), "used_bytes") or 0)  # type: ignore[misc]
 
 
 async def state(client: redis.asyncio.Redis, model: str) -> str:
-    value = await client.hget(keys.registry(f"model:{model}"), "state")  # type: ignore[misc]
+    value = await client.hget(keys.registry_model(model), "state")  # type: ignore[misc]
     return value.decode() if value else ""
 
 
@@ -178,7 +178,7 @@ async def test_real_clock_orders_fifo_lru_and_lfu(any_client: redis.asyncio.Redi
         got = await regs[name].reserve("x", node=NODE, device=GPU, nbytes=100)
         assert [v.model for v in got.victims] == [victim], name
         # undo the eviction, so the next policy sees the same device
-        await any_client.hset(keys.registry(f"model:{victim}"), "state", "ready")  # type: ignore[misc]
+        await any_client.hset(keys.registry_model(victim), "state", "ready")  # type: ignore[misc]
 
 
 async def test_models_in_flight_are_skipped_then_wait(any_client: redis.asyncio.Redis,
@@ -232,7 +232,7 @@ async def test_a_fresh_model_that_served_nothing_is_no_victim_yet(any_client: re
     await reg.touch("b", 1)  # b served a batch: it may go, a (older by FIFO) still may not
     assert (await reg.reserve("x", node=NODE, device=GPU, nbytes=100)).victims == (Victim("b", "mgr-a", 100),)
     now_ms = int((await any_client.time())[0]) * 1000
-    await any_client.hset(keys.registry("model:a"), "loaded_at", str(now_ms - MIN_READY_MS))  # type: ignore[misc]
+    await any_client.hset(keys.registry_model("a"), "loaded_at", str(now_ms - MIN_READY_MS))  # type: ignore[misc]
     assert (await reg.reserve("y", node=NODE, device=GPU, nbytes=200)).victims == (Victim("a", "mgr-a", 100),)
     logged = await reg.evictions()
     assert [e.victims for e in logged] == [("b",), ("a",)]

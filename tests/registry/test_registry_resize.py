@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis.asyncio
 
-from manager.registry import Outcome, Registry
+from nosq.manager.memory.registry import Outcome, Registry
 
 MIB = 2**20
 

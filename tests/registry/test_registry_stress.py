@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script by the test
     sys.path.insert(0, str(ROOT))
 
-from manager.registry import Outcome, Registry, ReservationLost  # noqa: E402
-from producer import keys  # noqa: E402
+from nosq.manager.memory.registry import Outcome, Registry, ReservationLost  # noqa: E402
+from nosq.producer import keys  # noqa: E402
 
 NODE = "n1"
 BUDGETS = {"cuda:0": 1000, "cuda:1": 700}

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import redis
 
-from producer import keys
-from producer.codec import decode_value, encode_value
-from producer.wire import Request, encode_envelope, parse_request
+from nosq.producer import keys
+from nosq.producer.codec import decode_value, encode_value
+from nosq.producer.wire import Request, encode_envelope, parse_request
 
 ROOT = Path(__file__).resolve().parents[2]
 ACL_FILE = ROOT / "deploy" / "acl.conf"

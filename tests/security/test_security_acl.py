@@ -23,7 +23,7 @@ import redis
 from redis.exceptions import NoPermissionError
 from security_support import ACL_FILE, PLACEHOLDER_RE, AclUsers, RedisServer, acl_users, answer_requests, running_redis
 
-from producer import (
+from nosq.producer import (
     AsyncProducer,
     Handle,
     NosqConnectionError,
@@ -34,8 +34,8 @@ from producer import (
     RemoteError,
     keys,
 )
-from producer._common import ENQUEUE_LUA, ENQUEUE_MANY_LUA
-from producer.wire import decode_envelope
+from nosq.producer.enqueue import ENQUEUE_LUA, ENQUEUE_MANY_LUA
+from nosq.producer.wire import decode_envelope
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def seed_queue(as_manager: redis.Redis) -> bytes:
     """A request stream with the manager's group and one entry somebody else enqueued."""
     as_manager.xgroup_create(REQ, keys.GROUP, id="0", mkstream=True)
     entry_id: bytes = as_manager.xadd(REQ, {"v": "1", "id": "someone-else", "ct": "json", "p": b'"secret"'})
-    as_manager.hset(keys.registry("served"), MODEL, "manager-1")
+    as_manager.hset(keys.registry_served(), MODEL, "manager-1")
     as_manager.hset(keys.admission(MODEL), mapping={"max_backlog": 1000, "retry_after_ms": 100})
     return entry_id
 
@@ -291,10 +291,10 @@ def test_producer_user_cannot_read_payloads_with_a_loaded_script(as_producer: re
 
 
 MANAGER_KEYS = [
-    ("HGETALL", keys.registry("served")),
-    ("HSET", keys.registry("served"), MODEL, "me"),
-    ("DEL", keys.registry("served")),
-    ("ZRANGE", keys.registry("models"), 0, -1),
+    ("HGETALL", keys.registry_served()),
+    ("HSET", keys.registry_served(), MODEL, "me"),
+    ("DEL", keys.registry_served()),
+    ("ZRANGE", keys.registry_models(), 0, -1),
     ("SMEMBERS", keys.registry("managers")),
     ("GET", keys.manager_heartbeat("manager-1")),
     ("SET", keys.manager_heartbeat("manager-1"), "{}"),
@@ -311,7 +311,7 @@ MANAGER_KEYS = [
     ("SET", keys.cancel("someone-else"), 1, "GET"),
     ("GET", "unrelated:key"),
     ("SET", "unrelated:key", 1),
-    ("EVAL", "return redis.call('HGETALL', KEYS[1])", 1, keys.registry("served")),
+    ("EVAL", "return redis.call('HGETALL', KEYS[1])", 1, keys.registry_served()),
     ("EVAL", "return redis.call('HSET', KEYS[2], 'max_backlog', 1000000)", 2, REQ, keys.admission(MODEL)),
 ]
 
@@ -321,7 +321,7 @@ def test_producer_user_cannot_touch_the_registry_or_the_managers_keys(
         command: tuple[Any, ...], as_producer: redis.Redis, as_manager: redis.Redis) -> None:
     seed_queue(as_manager)
     refused(as_producer, *command)
-    assert as_manager.hgetall(keys.registry("served")) == {MODEL.encode(): b"manager-1"}
+    assert as_manager.hgetall(keys.registry_served()) == {MODEL.encode(): b"manager-1"}
     assert as_manager.hget(keys.admission(MODEL), "max_backlog") == b"1000"
 
 
@@ -522,7 +522,7 @@ def test_manager_user_can_do_its_job(as_manager: redis.Redis, as_producer: redis
     m.xadd(keys.reply("client"), {"id": "r1", "r": b"{}"}, maxlen=1000, approximate=True)
     assert m.xack(REQ, keys.GROUP, entry_id) == 1 and m.xdel(REQ, entry_id) == 1
     m.hset(keys.admission(MODEL), mapping={"max_backlog": 10, "retry_after_ms": 5})
-    m.hset(keys.registry("served"), MODEL, "c1")
+    m.hset(keys.registry_served(), MODEL, "c1")
     m.sadd(keys.registry("managers"), "c1")
     m.zadd(keys.registry("load"), {"c1": 1.0})
     assert m.set(keys.manager_heartbeat("c1"), b'{"state":"running"}', ex=10)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from security_support import ROOT, acl_users, make_certificates, running_redis
 
-from producer import Producer, RedisSettings, RemoteError
+from nosq.producer import Producer, RedisSettings, RemoteError
 from tests.procs import reap_ray_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
@@ -45,7 +45,7 @@ def test_real_manager_and_producer_with_least_privilege_over_tls(tmp_path: Path)
     acl = acl_users()
     certs = make_certificates(tmp_path / "certs")
     config = tmp_path / "serve.toml"
-    config.write_text('[[models]]\nid = "noop"\nfactory = "workers.demo:noop"\ndevice = "cpu"\n'
+    config.write_text('[[models]]\nid = "noop"\nfactory = "nosq.workers.demo:noop"\ndevice = "cpu"\n'
                       "max_batch = 16\nnum_cpus = 0.25\nthreads = 1\n", encoding="utf-8")
     manager_log = tmp_path / "manager.log"
     tls = ["--tls-cert-file", str(certs.server_cert), "--tls-key-file", str(certs.server_key),
@@ -66,7 +66,7 @@ def test_real_manager_and_producer_with_least_privilege_over_tls(tmp_path: Path)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
             with manager_log.open("wb") as log:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "manager.cli", "serve", "--redis-url", url,
+                    [sys.executable, "-m", "nosq.manager.ops.cli", "serve", "--redis-url", url,
                      "--redis-username", "nosq-manager", "--redis-password", acl.passwords["manager"],
                      "--consumer", "security-e2e", "--config", str(config), "--log-level", "info"],
                     cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

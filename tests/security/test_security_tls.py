@@ -31,7 +31,7 @@ from security_support import (
     running_redis,
 )
 
-from producer import AsyncProducer, NosqConnectionError, Producer, RedisSettings
+from nosq.producer import AsyncProducer, NosqConnectionError, Producer, RedisSettings
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +127,7 @@ def test_nosq_submit_over_tls(server: RedisServer, certs: Certificates, manager:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     done = subprocess.run(
-        [sys.executable, "-m", "manager.cli", "--log-level", "warning", "submit", "--redis-url", url, MODEL,
+        [sys.executable, "-m", "nosq.manager.ops.cli", "--log-level", "warning", "submit", "--redis-url", url, MODEL,
          "--json", '{"x": [1, 2]}', "--timeout", "20"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )

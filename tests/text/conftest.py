@@ -40,7 +40,7 @@ def reference(model_dir: Path) -> Any:
 def text_model(model_dir: Path) -> Any:
     import torch
 
-    from workers.text import embedder
+    from nosq.workers.text import embedder
 
     return embedder(package=PACKAGE, device=torch.device("cpu"))
 

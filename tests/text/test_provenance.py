@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from manager.results import BatchInfo, Successes, error
-from producer.codec import encode_value
-from producer.wire import Request, decode_envelope
+from nosq.manager.serving.results import BatchInfo, Successes, error
+from nosq.producer.codec import encode_value
+from nosq.producer.wire import Request, decode_envelope
 
 EXTRA = {"bucket": 64, "tokens": 58, "padding": 0.12}
 

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from manager.settings import ManagerSettings
-from producer import AsyncProducer, RedisSettings
+from nosq.manager.settings import ManagerSettings
+from nosq.producer import AsyncProducer, RedisSettings
+from nosq.workers.spec import Bucketing
 from tests.manager.harness import config, entry, running_manager, spec, wait_envelope, wait_for, xadd_all
 from tests.text.conftest import DB, PACKAGE
-from workers.spec import Bucketing
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
@@ -48,7 +48,7 @@ def settings(**overrides: Any) -> ManagerSettings:
 
 def embedding_spec(model_id: str = "minilm", **options: Any) -> Any:
     options.setdefault("package", PACKAGE)
-    return spec(model_id, "workers.text:embedder", max_batch=64, max_wait_ms=5.0, options=options,
+    return spec(model_id, "nosq.workers.text:embedder", max_batch=64, max_wait_ms=5.0, options=options,
                 bucketing=Bucketing(edges=EDGES, token_budget=1024))
 
 
@@ -85,7 +85,7 @@ async def test_embeddings_through_a_manager(ray_repo: None, redis_db12: redis.as
 
 
 def nosq_models(url: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "manager.cli", "--log-level", "warning", "models", "--json",
+    done = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--log-level", "warning", "models", "--json",
                            "--redis-url", url], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
     parsed: dict[str, Any] = json.loads(done.stdout)
     return parsed
@@ -95,7 +95,7 @@ async def test_a_broken_model_directory_fails_its_load_and_others_serve(
         ray_repo: None, redis_db12: redis.asyncio.Redis, tmp_path: Path) -> None:
     missing = tmp_path / "no-model-here"
     serve = config(embedding_spec("broken", path=str(missing), package=None),
-                   spec("echo", "workers.demo:noop"))
+                   spec("echo", "nosq.workers.demo:noop"))
     async with running_manager(serve, settings(cpu_budget_bytes=2 * 1024**3, load_poll_ms=100)) as manager:
         async with AsyncProducer(RedisSettings(url=URL), default_timeout_s=60) as producer:
             broken = await producer.submit("broken", "some text", timeout_s=60)
@@ -117,7 +117,7 @@ async def test_a_broken_model_directory_fails_its_load_and_others_serve(
 
 
 def nosq_status(url: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "manager.cli", "--log-level", "warning", "status", "--json",
+    done = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--log-level", "warning", "status", "--json",
                            "--redis-url", url], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
     parsed: dict[str, Any] = json.loads(done.stdout)
     return parsed
@@ -128,7 +128,7 @@ async def test_without_a_budget_a_model_that_fails_to_load_leaves_the_others_ser
     """Every model loads at start (no memory budget): one that cannot is reported in `nosq
     status` with its cause and tried again, while the others serve."""
     missing = tmp_path / "no-model-here"
-    serve = config(embedding_spec("broken", path=str(missing), package=None), spec("echo", "workers.demo:noop"))
+    serve = config(embedding_spec("broken", path=str(missing), package=None), spec("echo", "nosq.workers.demo:noop"))
     async with running_manager(serve, settings(heartbeat_ttl_s=3)) as manager:
         assert set(manager.load_errors) == {"broken"}
         async with AsyncProducer(RedisSettings(url=URL), default_timeout_s=60) as producer:

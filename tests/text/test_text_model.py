@@ -1,7 +1,7 @@
-"""The text embedder (workers.text) against sentence-transformers, and through ModelRuntime.
+"""The text embedder (nosq.workers.text) against sentence-transformers, and through ModelRuntime.
 
 No Ray, no Redis: the factory, the pooling config, chunking by token length, provenance, load
-errors, and a batch of encoded strings through ``workers.runtime.ModelRuntime`` as a replica runs it.
+errors, and a batch of encoded strings through ``nosq.workers.runtime.ModelRuntime`` as a replica runs it.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from producer.codec import decode_value, encode_value
-from workers.datapath import batch_of
-from workers.runtime import ModelLoadError, ModelRuntime
-from workers.spec import ModelSpec
-from workers.text import Pooling, TextModelError, embedder, model_directory, read_pooling
+from nosq.producer.codec import decode_value, encode_value
+from nosq.producer.wire import ErrorCode
+from nosq.workers.datapath import batch_of
+from nosq.workers.runtime import ModelLoadError, ModelRuntime
+from nosq.workers.spec import ModelSpec
+from nosq.workers.text import Pooling, TextModelError, embedder, model_directory, read_pooling
 
 TEXTS = [
     "A man is eating food.",
@@ -109,7 +110,7 @@ def test_a_list_of_strings_as_one_item_is_refused(text_model: Any) -> None:
 
 
 def spec_for(**options: Any) -> ModelSpec:
-    return ModelSpec(id="emb", factory="workers.text:embedder", device="cpu", threads=1, options=options)
+    return ModelSpec(id="emb", factory="nosq.workers.text:embedder", device="cpu", threads=1, options=options)
 
 
 def test_missing_directory_is_a_model_load_error(tmp_path: Path) -> None:
@@ -169,7 +170,7 @@ def test_a_bad_item_fails_alone(runtime: ModelRuntime) -> None:
     payloads = [encode_value("msgpack", "fine"), msgpack.packb(["a", "list"]), encode_value("msgpack", "also fine")]
     output = runtime.run_batch(batch_of("forward", "msgpack", payloads))
     assert set(output.failures) == {1}
-    assert output.failures[1][0] == "model_error" and "one string per request" in output.failures[1][1]
+    assert output.failures[1][0] is ErrorCode.MODEL_ERROR and "one string per request" in output.failures[1][1]
     assert [len(decode_value("msgpack", output.items()[i].out)) for i in (0, 2)] == [384, 384]
 
 
@@ -179,8 +180,8 @@ def test_runtime_ready_reports_a_token_signature(runtime: ModelRuntime) -> None:
 
 def test_profile_per_length_bucket(text_model: Any) -> None:
     """Throughput against batch size for texts of exactly each length, and b* for each."""
-    from workers.curve import ProfileOptions
-    from workers.text import profile_lengths, tokens_per_s
+    from nosq.workers.profiles.curve import ProfileOptions
+    from nosq.workers.text import profile_lengths, tokens_per_s
 
     quick = ProfileOptions(rounds=1, warmup=1, min_reps=2, max_reps=4, min_time_s=0.0, max_time_s=0.2)
     profiles = profile_lengths(text_model, [8, 64], max_batch=4, latency_budget_ms=60_000, options=quick)

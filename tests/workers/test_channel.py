@@ -1,4 +1,4 @@
-"""The shared-memory channel (workers.channel) with a real server thread and real sockets.
+"""The shared-memory channel (nosq.workers.channel) with a real server thread and real sockets.
 
 The replica side runs a handler of the test's own (no model): what is checked is the transport:
 payloads and outputs through memfd segments that grow, the stage byte, errors that come back
@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from workers import channel
-from workers.channel import ChannelClient, ChannelError, ChannelLost, ChannelServer, Stage
-from workers.datapath import Alloc, BatchInput, BatchOutput, pack_outputs
+from nosq.producer.wire import ErrorCode
+from nosq.workers import channel
+from nosq.workers.channel import ChannelClient, ChannelError, ChannelLost, ChannelServer, Stage
+from nosq.workers.datapath import Alloc, BatchInput, BatchOutput, pack_outputs
 
 pytestmark = pytest.mark.skipif(not channel.available(), reason="needs memfd and Unix sockets (Linux)")
 
@@ -30,7 +31,7 @@ def reverse(batch: BatchInput, stage: Callable[[Stage], None], alloc: Alloc) -> 
         raise RuntimeError("the handler broke")
     stage(Stage.IN_MODEL)
     items = [batch.item(i)[::-1] for i in range(len(batch))]
-    failures = {i: ("model_error", "boom") for i, item in enumerate(items) if item == b"moob"}
+    failures = {i: (ErrorCode.MODEL_ERROR, "boom") for i, item in enumerate(items) if item == b"moob"}
     buffer, offsets = pack_outputs([b"" if i in failures else item for i, item in enumerate(items)], alloc)
     return BatchOutput(buffer, offsets, failures, exec_ms=0.5, stages={"model": 0.5})
 
@@ -53,7 +54,8 @@ def test_a_batch_round_trip(server: ChannelServer) -> None:
 
     outs, output, stage = asyncio.run(go())
     assert outs == [b"cba", b"", b"", b"yx"]
-    assert output.failures == {1: ("model_error", "boom")}
+    assert output.failures == {1: (ErrorCode.MODEL_ERROR, "boom")}
+    assert type(output.failures[1][0]) is ErrorCode  # decoded back into the enum, not left a str
     assert output.exec_ms == 0.5 and output.stages == {"model": 0.5}
     assert stage is Stage.DONE
 

@@ -1,4 +1,4 @@
-"""The batch as one buffer (workers.datapath): packing, the uniform-tensor view, batch encoding.
+"""The batch as one buffer (nosq.workers.datapath): packing, the uniform-tensor view, batch encoding.
 
 Every fast path is checked against the per-item codec it replaces: the same bytes out, and a
 batch the fast path cannot take is recognised as such (None) rather than misread.
@@ -14,8 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.codec import DTYPES, encode_value
-from workers.datapath import BatchOutput, batch_of, encode_tensor_rows, new_buffer, pack, pack_outputs, uniform_tensors
+from nosq.producer.codec import DTYPES, encode_value
+from nosq.producer.wire import ErrorCode
+from nosq.workers.datapath import (
+    BatchOutput,
+    batch_of,
+    encode_tensor_rows,
+    new_buffer,
+    pack,
+    pack_outputs,
+    uniform_tensors,
+)
 
 
 def test_pack_lays_payloads_back_to_back() -> None:
@@ -97,6 +106,6 @@ def test_outputs_land_in_the_buffer_they_are_given() -> None:
 
     buffer, offsets = pack_outputs([b"x", b"", b"yz"], alloc)
     assert buffer is given_out[0] and bytes(buffer) == b"xyz" and offsets.tolist() == [0, 1, 1, 3]
-    output = BatchOutput(buffer, offsets, {1: ("model_error", "boom")})
-    assert [(i.ok, i.out, i.code) for i in output.items()] == [(True, b"x", ""), (False, b"", "model_error"),
-                                                              (True, b"yz", "")]
+    output = BatchOutput(buffer, offsets, {1: (ErrorCode.MODEL_ERROR, "boom")})
+    assert [(i.ok, i.out, i.code) for i in output.items()] == [(True, b"x", None), (False, b"", ErrorCode.MODEL_ERROR),
+                                                              (True, b"yz", None)]

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from producer.codec import decode_value, encode_value
-from workers import demo
-from workers.actor import ModelWorker
-from workers.datapath import BatchOutput, ItemResult, batch_of
-from workers.runtime import ModelLoadError
-from workers.spec import ModelSpec
+from nosq.producer.codec import decode_value, encode_value
+from nosq.workers import demo
+from nosq.workers.actor import ModelWorker
+from nosq.workers.datapath import BatchOutput, ItemResult, batch_of
+from nosq.workers.runtime import ModelLoadError
+from nosq.workers.spec import ModelSpec
 
 # --- test models (factories are imported by the worker through this module's name) -------------
 
@@ -107,7 +107,7 @@ def _outputs(result: Result, cts: list[str]) -> list[Any]:
 
 @pytest.mark.parametrize("model_id", ["noop", "mlp", "cnn", "transformer"])
 def test_demo_model_matches_direct_call(model_id: str) -> None:
-    spec = ModelSpec(id=model_id, factory=f"workers.demo:{model_id}")
+    spec = ModelSpec(id=model_id, factory=f"nosq.workers.demo:{model_id}")
     worker = ModelWorker(spec, local_channel=False)
     assert worker.runtime.device.type == "cpu"
     model = worker.model
@@ -141,7 +141,7 @@ def test_demo_factories_are_seeded_and_shaped() -> None:
 
 
 def test_noop_echoes_any_value() -> None:
-    worker = ModelWorker(ModelSpec(id="noop", factory="workers.demo:noop"), local_channel=False)
+    worker = ModelWorker(ModelSpec(id="noop", factory="nosq.workers.demo:noop"), local_channel=False)
     values: list[Any] = [{"x": 1}, "text", [1, "a"], None]
     cts = ["msgpack", "json", "msgpack", "json"]
     result = run(worker, "forward", cts, _encode_all(values, cts))
@@ -157,7 +157,7 @@ def test_bad_payload_fails_alone() -> None:
     payloads = [encode_value("msgpack", np.ones(2, np.float32)), b"\xc1", b"{nope", b"[3.0, 4.0]", b"x"]
     result = run(worker, "forward", cts, payloads)
     codes = [item.code for item in result.items]
-    assert codes == ["", "bad_request", "bad_request", "", "bad_request"]
+    assert codes == [None, "bad_request", "bad_request", None, "bad_request"]
     assert "ProtocolError" in result.items[1].message
     assert "xml" in result.items[4].message
     assert decode_value("msgpack", result.items[0].out).tolist() == [2.0, 2.0]
@@ -202,7 +202,7 @@ def test_bad_output_fails_alone() -> None:
     values = [np.array([v], np.float32) for v in (1, 13, 2)]
     cts = ["msgpack", "json", "json"]
     result = run(worker, "unencodable", cts, _encode_all(values, cts))
-    assert [item.code for item in result.items] == ["", "bad_output", ""]
+    assert [item.code for item in result.items] == [None, "bad_output", None]
     assert "object" in result.items[1].message
 
 
@@ -226,7 +226,7 @@ def test_empty_batch() -> None:
 
 
 def test_ready_and_memory() -> None:
-    worker = ModelWorker(ModelSpec(id="mlp", factory="workers.demo:mlp", threads=1), local_channel=False)
+    worker = ModelWorker(ModelSpec(id="mlp", factory="nosq.workers.demo:mlp", threads=1), local_channel=False)
     assert torch.get_num_threads() == 1
     info = worker.ready()
     assert info["device"] == "cpu"
@@ -237,7 +237,7 @@ def test_ready_and_memory() -> None:
 
 
 def test_factory_options_are_passed() -> None:
-    worker = ModelWorker(ModelSpec(id="mlp", factory="workers.demo:mlp", options={"d_in": 4, "d_out": 2}),
+    worker = ModelWorker(ModelSpec(id="mlp", factory="nosq.workers.demo:mlp", options={"d_in": 4, "d_out": 2}),
                          local_channel=False)
     cts = ["json"]
     out = _outputs(run(worker, "forward", cts, _encode_all([[1.0, 2.0, 3.0, 4.0]], cts)), cts)
@@ -263,18 +263,18 @@ def test_load_errors(factory: str, fields: dict[str, Any], match: str) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda() -> None:
     with pytest.raises(ModelLoadError, match="no CUDA device"):
-        ModelWorker(ModelSpec(id="t", factory="workers.demo:noop", device="cuda"))
+        ModelWorker(ModelSpec(id="t", factory="nosq.workers.demo:noop", device="cuda"))
 
 
 @pytest.mark.parametrize(("device", "match"), [("gpu", "must be 'cpu', 'cuda', 'cuda:<index>' or 'auto'"),
                                                 ("cuda:x", "must be 'cpu'"), ("cuda:1234", "must be 'cpu'")])
 def test_bad_device_names(device: str, match: str) -> None:
     with pytest.raises(ModelLoadError, match=match):
-        ModelWorker(ModelSpec(id="t", factory="workers.demo:noop"), device=device)
+        ModelWorker(ModelSpec(id="t", factory="nosq.workers.demo:noop"), device=device)
 
 
 def test_placed_gpu_must_exist() -> None:
     """The loader's placement (``cuda:<index>``) names a GPU this process must see."""
     beyond = f"cuda:{torch.cuda.device_count()}"
     with pytest.raises(ModelLoadError, match="no CUDA device" if not torch.cuda.is_available() else "GPU"):
-        ModelWorker(ModelSpec(id="t", factory="workers.demo:noop"), device=beyond)
+        ModelWorker(ModelSpec(id="t", factory="nosq.workers.demo:noop"), device=beyond)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.batching import OutputMismatch, collate, shape_groups, split, to_numpy
+from nosq.workers.batching import OutputMismatch, collate, shape_groups, split, to_numpy
 
 
 @pytest.mark.filterwarnings("error")  # a read-only array must not reach torch.from_numpy

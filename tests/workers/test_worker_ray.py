@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from producer.codec import decode_value, encode_value
-from workers import demo
-from workers.actor import ModelWorker
-from workers.datapath import BatchInput, BatchOutput, pack
-from workers.spec import ModelSpec
+from nosq.producer.codec import decode_value, encode_value
+from nosq.workers import demo
+from nosq.workers.actor import ModelWorker
+from nosq.workers.datapath import BatchInput, BatchOutput, pack
+from nosq.workers.spec import ModelSpec
 
 ray = pytest.importorskip("ray")
 
@@ -42,9 +42,9 @@ def test_mlp_in_ray_actor_matches_direct(ray_local: Any) -> None:
     channel: the same outputs, equal to the model called directly."""
     import asyncio
 
-    from workers.channel import ChannelClient
+    from nosq.workers.channel import ChannelClient
 
-    spec = ModelSpec(id="mlp", factory="workers.demo:mlp", threads=1)
+    spec = ModelSpec(id="mlp", factory="nosq.workers.demo:mlp", threads=1)
     actor = ray_local.remote(ModelWorker).options(num_cpus=spec.num_cpus).remote(spec)
     try:
         info = ray_local.get(actor.ready.remote(), timeout=120)
@@ -86,10 +86,10 @@ def test_a_start_that_times_out_leaves_no_actor(ray_local: Any, monkeypatch: pyt
 
     from ray._private import state as ray_state
 
-    from manager import dispatcher
+    from nosq.manager.serving import replicas as dispatcher
 
     monkeypatch.setattr(dispatcher, "READY_TIMEOUT_S", 1.0)
-    spec = ModelSpec(id="huge", factory="workers.demo:noop", device="cpu", num_cpus=64)
+    spec = ModelSpec(id="huge", factory="nosq.workers.demo:noop", device="cpu", num_cpus=64)
     pool = dispatcher.ReplicaPool(spec, inflight_per_replica=1, dispatch_attempts=1)
     with pytest.raises(TimeoutError):
         asyncio.run(pool.start(2))
@@ -103,9 +103,9 @@ def test_stop_returns_once_the_actor_process_is_gone(ray_local: Any) -> None:
     """The registry releases a model's bytes after ``stop()``: its process must be gone by then."""
     import asyncio
 
-    from manager import dispatcher
+    from nosq.manager.serving import replicas as dispatcher
 
-    spec = ModelSpec(id="mlp", factory="workers.demo:mlp", device="cpu", threads=1, num_cpus=0.25)
+    spec = ModelSpec(id="mlp", factory="nosq.workers.demo:mlp", device="cpu", threads=1, num_cpus=0.25)
     pool = dispatcher.ReplicaPool(spec, inflight_per_replica=1, dispatch_attempts=1)
 
     async def start_then_stop() -> list[int]:

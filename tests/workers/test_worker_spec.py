@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from producer.errors import NosqError
-from workers.demo import demo_config_path
-from workers.spec import ConfigError, ModelSpec, ServeConfig, load_config
+from nosq.producer.errors import NosqError
+from nosq.workers.demo import demo_config_path
+from nosq.workers.spec import ConfigError, ModelSpec, ServeConfig, load_config
 
 
 def test_defaults() -> None:
-    spec = ModelSpec(id="m", factory="workers.demo:noop")
+    spec = ModelSpec(id="m", factory="nosq.workers.demo:noop")
     assert spec.methods == ("forward",)
     assert spec.device == "auto"
     assert (spec.replicas, spec.max_batch, spec.threads, spec.options) == (1, 64, None, {})
@@ -26,11 +26,11 @@ def test_defaults() -> None:
 @pytest.mark.parametrize(
     "factory",
     [
-        "workers.demo",
-        "workers.demo:",
+        "nosq.workers.demo",
+        "nosq.workers.demo:",
         ":noop",
         "workers/demo:noop",
-        "workers.demo:noop:x",
+        "nosq.workers.demo:noop:x",
         "1mod:f",
         "a..b:f",
     ],
@@ -43,6 +43,14 @@ def test_bad_factory(factory: str) -> None:
 @pytest.mark.parametrize("factory", ["m:f", "pkg.sub.mod:make_model", "_p._q:_f"])
 def test_good_factory(factory: str) -> None:
     assert ModelSpec(id="m", factory=factory).factory == factory
+
+
+def test_old_builtin_factory_spelling_is_read_as_nosq(caplog: pytest.LogCaptureFixture) -> None:
+    old = ModelSpec(id="m", factory="workers.demo:noop")
+    assert old.factory == "nosq.workers.demo:noop"
+    assert old.fingerprint() == ModelSpec(id="m", factory="nosq.workers.demo:noop").fingerprint()
+    assert "nosq.workers.demo:noop" in caplog.text  # the warning says what to write instead
+    assert ModelSpec(id="m", factory="workers.mine:build").factory == "workers.mine:build"  # a user's own package
 
 
 @pytest.mark.parametrize("model_id", ["", "has space", "a/b", "x" * 65, "é"])
@@ -122,24 +130,24 @@ def test_model_lookup() -> None:
 TOML = """
 [[models]]
 id = "a"
-factory = "workers.demo:mlp"
+factory = "nosq.workers.demo:mlp"
 max_batch = 128
 options = { d_in = 8 }
 
 [[models]]
 id = "b"
-factory = "workers.demo:noop"
+factory = "nosq.workers.demo:noop"
 methods = ["forward"]
 """
 
 YAML = """
 models:
   - id: a
-    factory: workers.demo:mlp
+    factory: nosq.workers.demo:mlp
     max_batch: 128
     options: {d_in: 8}
   - id: b
-    factory: workers.demo:noop
+    factory: nosq.workers.demo:noop
     methods: [forward]
 """
 
@@ -158,7 +166,7 @@ def test_load_toml_and_yaml(tmp_path: Path) -> None:
 def test_config_errors_name_file_and_problem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(
-        TOML.replace('"workers.demo:noop"', '"workers.demo"').replace("max_batch = 128", "max_batch = 0")
+        TOML.replace('"nosq.workers.demo:noop"', '"nosq.workers.demo"').replace("max_batch = 128", "max_batch = 0")
     )
     with pytest.raises(ConfigError) as info:
         load_config(bad)
@@ -167,7 +175,7 @@ def test_config_errors_name_file_and_problem(tmp_path: Path) -> None:
     assert "2 problem(s)" in text
     assert "models[0] (id 'a').max_batch" in text
     assert "models[1] (id 'b').factory" in text
-    assert "'workers.demo'" in text
+    assert "'nosq.workers.demo'" in text
     assert isinstance(info.value, ValueError)
     assert isinstance(info.value, NosqError)
 
@@ -214,21 +222,21 @@ def test_demo_config() -> None:
     }
     for spec in config.models:
         module, _, attr = spec.factory.partition(":")
-        assert module == ("workers.text" if spec.id == "minilm" else "workers.demo")
+        assert module == ("nosq.workers.text" if spec.id == "minilm" else "nosq.workers.demo")
         assert callable(getattr(importlib.import_module(module), attr))
         assert spec.device == "auto"
 
 
 PUBLIC = {
-    "workers.spec": ["Bucketing", "ConfigError", "ItemSchema", "ModelSpec", "ServeConfig", "load_config"],
-    "workers.batching": ["OutputMismatch", "collate", "shape_groups", "split", "to_numpy"],
-    "workers.actor": ["ModelWorker"],
-    "workers.runtime": ["ModelLoadError", "ModelRuntime"],
-    "workers.datapath": ["Alloc", "BatchInput", "BatchOutput", "ItemResult", "TensorLayout", "batch_of",
+    "nosq.workers.spec": ["Bucketing", "ConfigError", "ItemSchema", "ModelSpec", "ServeConfig", "load_config"],
+    "nosq.workers.batching": ["OutputMismatch", "collate", "shape_groups", "split", "to_numpy"],
+    "nosq.workers.actor": ["ModelWorker"],
+    "nosq.workers.runtime": ["ModelLoadError", "ModelRuntime"],
+    "nosq.workers.datapath": ["Alloc", "BatchInput", "BatchOutput", "ItemResult", "TensorLayout", "batch_of",
                          "encode_tensor_rows", "new_buffer", "pack", "pack_outputs", "uniform_tensors"],
-    "workers.channel": ["ChannelClient", "ChannelError", "ChannelLost", "ChannelServer", "Segment", "Stage",
+    "nosq.workers.channel": ["ChannelClient", "ChannelError", "ChannelLost", "ChannelServer", "Segment", "Stage",
                         "available"],
-    "workers.demo": [
+    "nosq.workers.demo": [
         "CNN",
         "MLP",
         "DemoModel",

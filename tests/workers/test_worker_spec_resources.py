@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from manager.dispatcher import ReplicaPool
-from workers.spec import ConfigError, ModelSpec, load_config
+from nosq.manager.serving.replicas import ReplicaPool
+from nosq.workers.spec import ConfigError, ModelSpec, load_config
 
 
 def spec(**fields: object) -> ModelSpec:
-    return ModelSpec(id="m", factory="workers.demo:noop", device="cpu", **fields)  # type: ignore[arg-type]
+    return ModelSpec(id="m", factory="nosq.workers.demo:noop", device="cpu", **fields)  # type: ignore[arg-type]
 
 
 def test_resources_default_to_none_and_reach_the_actor_options() -> None:
@@ -27,7 +27,7 @@ def test_resources_default_to_none_and_reach_the_actor_options() -> None:
 
 def test_resources_from_a_toml_inline_table(tmp_path: Path) -> None:
     path = tmp_path / "serve.toml"
-    path.write_text('[[models]]\nid = "m"\nfactory = "workers.demo:noop"\nresources = {node_a = 1}\n')
+    path.write_text('[[models]]\nid = "m"\nfactory = "nosq.workers.demo:noop"\nresources = {node_a = 1}\n')
     assert load_config(path).models[0].resources == {"node_a": 1.0}
 
 
@@ -55,7 +55,7 @@ def test_an_empty_name_is_refused() -> None:
 
 def test_a_config_error_names_the_model_and_the_field(tmp_path: Path) -> None:
     path = tmp_path / "serve.toml"
-    path.write_text('[[models]]\nid = "m"\nfactory = "workers.demo:noop"\nresources = {GPU = 1}\n')
+    path.write_text('[[models]]\nid = "m"\nfactory = "nosq.workers.demo:noop"\nresources = {GPU = 1}\n')
     with pytest.raises(ConfigError, match=r"models\[0\] \(id 'm'\)\.resources"):
         load_config(path)
 
