@@ -77,6 +77,17 @@ end
 return {1, redis.call('XADD', KEYS[1], '*', unpack(ARGV))}
 """
 
+#: The backlog check of the batch scripts: of ``n`` requests, ``room`` fit under the model's
+#: ``max_backlog`` (its admission hash, KEYS[2]) given the stream's ``depth`` (KEYS[1]).
+_ADMIT_LUA: Final = """local room, depth, retry = n, 0, false
+local limit = redis.call('HGET', KEYS[2], 'max_backlog')
+if limit then
+  depth = redis.call('XLEN', KEYS[1])
+  room = math.max(0, math.min(n, tonumber(limit) - depth))
+  if room < n then retry = redis.call('HGET', KEYS[2], 'retry_after_ms') or false end
+end
+"""
+
 #: Many requests that share every field but id and payload: ARGV = k, k shared field/value
 #: pairs, then (id, payload) per request. Accepts what fits under the limit, in order,
 #: atomically. (For other clients; the Python producers send ENQUEUE_BATCH_LUA.)
@@ -84,14 +95,7 @@ ENQUEUE_MANY_LUA: Final = """
 local k = tonumber(ARGV[1])
 local first = 2 * k + 2
 local n = (#ARGV - first + 1) / 2
-local room, depth, retry = n, 0, false
-local limit = redis.call('HGET', KEYS[2], 'max_backlog')
-if limit then
-  depth = redis.call('XLEN', KEYS[1])
-  room = math.max(0, math.min(n, tonumber(limit) - depth))
-  if room < n then retry = redis.call('HGET', KEYS[2], 'retry_after_ms') or false end
-end
-local fields = {'id', '', 'p', ''}
+""" + _ADMIT_LUA + """local fields = {'id', '', 'p', ''}
 for j = 2, 2 * k + 1 do fields[#fields + 1] = ARGV[j] end
 for i = 0, room - 1 do
   fields[2] = ARGV[first + 2 * i]
@@ -115,14 +119,7 @@ if (#ARGV - first + 1) % 3 ~= 0 then
   return redis.error_reply('ERR nosq enqueue: ARGV must be k, k field/value pairs, then id, payload, dl per request')
 end
 local n = (#ARGV - first + 1) / 3
-local room, depth, retry = n, 0, false
-local limit = redis.call('HGET', KEYS[2], 'max_backlog')
-if limit then
-  depth = redis.call('XLEN', KEYS[1])
-  room = math.max(0, math.min(n, tonumber(limit) - depth))
-  if room < n then retry = redis.call('HGET', KEYS[2], 'retry_after_ms') or false end
-end
-local shared = {}
+""" + _ADMIT_LUA + """local shared = {}
 for j = 2, 2 * k + 1 do shared[#shared + 1] = ARGV[j] end
 local plain = {'id', '', 'p', '', unpack(shared)}
 local timed = {'id', '', 'p', '', 'dl', '', unpack(shared)}
