@@ -432,7 +432,9 @@ class Manager:
         if current is not None:
             other = json.loads(current)
             same_host = other.get("host") == socket.gethostname()
-            if not same_host or alive(int(other.get("pid", 0))):
+            pid = int(other.get("pid", 0))
+            # our own pid: a predecessor in the same pid namespace (a container restarted as pid 1)
+            if not same_host or (pid != os.getpid() and alive(pid)):
                 raise NosqError(
                     f"consumer name {self.settings.consumer!r} is in use by a live manager "
                     f"(pid {other.get('pid')} on {other.get('host')}): give each manager its own --consumer"
