@@ -315,7 +315,10 @@ def read_notices(response: Any) -> tuple[bytes | None, list[tuple[str, bytes | N
         if fields and len(fields) == 4 and fields[0] == b"id" and fields[2] == b"r":  # what managers write
             notices.append((fields[1].decode(), fields[3]))
             continue
-        found = dict(zip(fields[::2], fields[1::2], strict=False)) if fields else {}
+        if isinstance(fields, dict):  # a cluster client's nodes parse entries into dicts
+            found = fields
+        else:
+            found = dict(zip(fields[::2], fields[1::2], strict=False)) if fields else {}
         rid = found.get(b"id")
         if rid is not None:
             notices.append((rid.decode(), found.get(b"r")))

@@ -58,15 +58,15 @@ a state (``parse_event`` reads them), so waiting needs no polling.
 
 Keys (each from its ``nosq.producer.keys.registry_*`` helper)::
 
-    nosq:registry:model:<model>               hash: state node device bytes owner replicas
+    nosq:{registry}:model:<model>               hash: state node device bytes owner replicas
                                               inflight uses load_ms loaded_at last_used backlog
                                               reserved_at draining_at released_at evicted_for
                                               last_error error_at
-    nosq:registry:device:<node>/<device>      hash: node device budget_bytes used_bytes
-    nosq:registry:resident:<node>/<device>    set: models counted on the device
-    nosq:registry:models                      set: every model ever reserved
-    nosq:registry:devices                     set: every <node>/<device> with a budget
-    nosq:registry:evictions                   stream: one entry per eviction decision (for, node,
+    nosq:{registry}:device:<node>/<device>      hash: node device budget_bytes used_bytes
+    nosq:{registry}:resident:<node>/<device>    set: models counted on the device
+    nosq:{registry}:models                      set: every model ever reserved
+    nosq:{registry}:devices                     set: every <node>/<device> with a budget
+    nosq:{registry}:evictions                   stream: one entry per eviction decision (for, node,
                                               device, policy, need, victims, candidates), the
                                               last ~EVICTIONS_KEPT; ``evictions()`` reads it
 
