@@ -384,6 +384,15 @@ redis.call('HSET', KEYS[1], 'bytes', int(new), 'replicas', ARGV[2])
 return {'ok', int(new)}
 """
 
+# KEYS: device hash, devices set.  ARGV: node, device, budget, label.  (A script, not MULTI: redis-py's
+# cluster pipeline has no transactions; one slot, so it runs on Redis Cluster too.)
+_SET_BUDGET = """
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'device', ARGV[2], 'budget_bytes', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'used_bytes', '0')
+redis.call('SADD', KEYS[2], ARGV[4])
+return 1
+"""
+
 # KEYS: devices set.  ARGV: model, device, resident prefixes.  Read-only.
 _AUDIT = _LUA_COMMON + """
 local out = {}
@@ -428,6 +437,7 @@ class Registry:
         self._record_error = client.register_script(_RECORD_ERROR)
         self._audit = client.register_script(_AUDIT)
         self._resize = client.register_script(_RESIZE)
+        self._set_budget = client.register_script(_SET_BUDGET)
 
     # -- budget and reservation -----------------------------------------------------------------
 
@@ -436,12 +446,7 @@ class Registry:
         label = _label(node, device)
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes} for device {label}")
-        with _translate():
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(_DEVICE + label, mapping={"node": node, "device": device, "budget_bytes": budget_bytes})
-            pipe.hsetnx(_DEVICE + label, "used_bytes", "0")
-            pipe.sadd(_DEVICES, label)
-            await pipe.execute()
+        await _run(self._set_budget, [_DEVICE + label, _DEVICES], [node, device, budget_bytes, label])
 
     async def reserve(self, model: str, *, node: str, device: str, nbytes: int) -> Reservation:
         """Atomically reserve ``nbytes`` (all replicas) for ``model`` on one device, or say why not.
