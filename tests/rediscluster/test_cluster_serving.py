@@ -86,7 +86,7 @@ def test_manager_answers_sync_and_async_producers_once(nodes: RedisNodes, serve_
 
             async_out = asyncio.run(submit_async())
             status = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", settings.url,
-                                     "status", "--once"], capture_output=True, text=True, timeout=60)
+                                     "status", "--once"], check=False, capture_output=True, text=True, timeout=60)
         finally:
             assert stop_manager(manager) == 0
     assert all(env.ok for env in sync_out.values()), [e for e in sync_out.values() if not e.ok][:3]
