@@ -448,7 +448,7 @@ class AsyncProducer:
         missing = [i for i, reply in enumerate(replies) if is_noscript(reply)]
         if missing:
             client: Any = self._client()
-            await client.execute_command("SCRIPT", "LOAD", ENQUEUE_BATCH_LUA)
+            await client.script_load(ENQUEUE_BATCH_LUA)  # every master on a cluster
             again = await self._execute([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply

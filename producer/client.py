@@ -138,7 +138,7 @@ class Producer:
         missing = [i for i, reply in enumerate(replies) if is_noscript(reply)]
         if missing:
             client: Any = self._client()
-            client.execute_command("SCRIPT", "LOAD", ENQUEUE_BATCH_LUA)
+            client.script_load(ENQUEUE_BATCH_LUA)  # every master on a cluster
             again = self._execute([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply

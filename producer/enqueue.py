@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
 import redis
-from redis.exceptions import NoPermissionError, NoScriptError
+from redis.exceptions import (
+    ClusterDownError,
+    NoPermissionError,
+    NoScriptError,
+    RedisClusterException,
+    TryAgainError,
+)
 
 from nosq.producer import keys
 from nosq.producer.codec import decode_envelope_value, encode_value
@@ -392,7 +398,8 @@ def redis_errors(where: str) -> Iterator[None]:
         yield
     except redis.AuthenticationError as exc:
         raise NosqConnectionError(f"{where}: Redis refused the credentials: {exc}") from exc
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError,
+            RedisClusterException) as exc:  # the last three: a cluster's master failing over
         raise NosqConnectionError(f"{where}: cannot reach Redis: {exc}") from exc
     except NoPermissionError as exc:
         raise NosqError(f"{where}: the Redis ACL user may not do this: {_reason(exc)} "

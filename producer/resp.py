@@ -296,8 +296,10 @@ class _ClusterPlan:
             if time.monotonic() > deadline:
                 raise redis.ConnectionError(f"Redis Cluster: no master answered for {CLUSTER_RETRY_S} s") from failure
             await asyncio.sleep(_CLUSTER_BACKOFF_S[min(attempt, len(_CLUSTER_BACKOFF_S) - 1)])
-            with contextlib.suppress(redis.RedisError, RedisClusterException):
-                await client.nodes_manager.initialize()  # no node answered yet: the next round tries
+            # no node answered yet, or redis-py refreshing the same map at once (RuntimeError: its
+            # startup-node dict changed under it): either way the next round tries again
+            with contextlib.suppress(redis.RedisError, RedisClusterException, RuntimeError):
+                await client.nodes_manager.initialize()
             todo = sorted(again)
         return self._replies(replies)
 

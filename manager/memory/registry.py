@@ -89,6 +89,7 @@ from redis.commands.core import AsyncScript
 
 from nosq.manager.memory import eviction
 from nosq.manager.memory.eviction import LUA_CHOOSE_VICTIMS, EvictionPolicy, ModelState, Resident
+from nosq.manager.runtime.redislink import LOST
 from nosq.producer import keys
 from nosq.producer.errors import NosqConnectionError, NosqError
 
@@ -722,7 +723,7 @@ def _translate() -> Iterator[None]:
     """Redis errors become nosq errors, with the cause kept."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except LOST as exc:  # a cluster's master failing over included
         raise NosqConnectionError(f"registry: Redis unreachable: {exc}; is Redis running?") from exc
     except redis.ResponseError as exc:
         raise RegistryError(f"registry script failed: {exc}") from exc
