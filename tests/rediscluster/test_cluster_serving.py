@@ -67,14 +67,24 @@ def test_manager_answers_sync_and_async_producers_once(nodes: RedisNodes, serve_
                                                        tmp_path: Path) -> None:
     settings = RedisSettings(url=nodes.url)
     rng = np.random.default_rng(0)
-    with (tmp_path / "manager.log").open("wb") as log:
-        manager = start_manager(settings, "--config", str(serve_config), "--log-level", "warning",
-                                consumer="rc-e2e", log=log)
+    stream = keys.requests("noop")
+    with Producer(settings) as producer, (tmp_path / "manager.log").open("wb") as log:
+        # entries a consumer read and never answered (a dead manager): the janitor takes them over
+        ghost_inputs = [np.full(4, -i, dtype=np.float32) for i in range(1, 101)]
+        ghost_handles = producer.submit_many("noop", ghost_inputs)
+        admin = settings.client()
         try:
-            with Producer(settings) as producer:
-                inputs = [rng.standard_normal(4, dtype=np.float32) for _ in range(600)]
-                handles = producer.submit_many("noop", inputs)
-                sync_out = {h.id: producer.outcome(h, timeout_s=60) for h in handles}
+            admin.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+            assert len(admin.xreadgroup(keys.GROUP, "ghost", {stream: ">"}, count=1000)[0][1]) == 100
+        finally:
+            admin.close()
+        manager = start_manager(settings, "--config", str(serve_config), "--log-level", "warning",
+                                "--min-idle-ms", "1000", consumer="rc-e2e", log=log)
+        try:
+            ghost_out = [producer.outcome(h, timeout_s=60) for h in ghost_handles]
+            inputs = [rng.standard_normal(4, dtype=np.float32) for _ in range(600)]
+            handles = producer.submit_many("noop", inputs)
+            sync_out = {h.id: producer.outcome(h, timeout_s=60) for h in handles}
 
             async def submit_async() -> dict[str, tuple[float, bool]]:
                 async with AsyncProducer(settings) as aproducer:
@@ -87,15 +97,18 @@ def test_manager_answers_sync_and_async_producers_once(nodes: RedisNodes, serve_
             async_out = asyncio.run(submit_async())
             status = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", settings.url,
                                      "status", "--once"], check=False, capture_output=True, text=True, timeout=60)
+            models = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", settings.url,
+                                     "models"], check=False, capture_output=True, text=True, timeout=60)
         finally:
             assert stop_manager(manager) == 0
+    assert [float(np.asarray(e.out)[0]) for e in ghost_out] == [float(-i) for i in range(1, 101)]
     assert all(env.ok for env in sync_out.values()), [e for e in sync_out.values() if not e.ok][:3]
     for (rid, env), x in zip(sync_out.items(), inputs, strict=True):
         assert env.id == rid
         np.testing.assert_array_equal(np.asarray(env.out), x)
     assert sorted(v for v, _ in async_out.values()) == [float(i) for i in range(600)]
-    ids = list(sync_out) + list(async_out)
-    assert len(set(ids)) == 1200
+    ids = [h.id for h in ghost_handles] + list(sync_out) + list(async_out)
+    assert len(set(ids)) == 1300
     client = settings.client()
     try:
         stored = get_many_blocking(client, [keys.result(rid) for rid in ids])
@@ -106,6 +119,7 @@ def test_manager_answers_sync_and_async_producers_once(nodes: RedisNodes, serve_
         client.close()
     assert status.returncode == 0, status.stderr
     assert "rc-e2e" in status.stdout, status.stdout
+    assert models.returncode == 0 and "MODEL" in models.stdout, (models.stdout, models.stderr)
 
 
 def test_plain_redis_client_is_not_a_cluster_client() -> None:
