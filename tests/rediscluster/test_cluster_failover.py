@@ -18,6 +18,7 @@ from nosq.manager.ops.demo import start_manager, stop_manager
 from nosq.producer import AsyncProducer, Handle, NosqError, RedisSettings, keys
 from nosq.producer.resp import get_many_blocking
 from nosq.producer.wire import Envelope, decode_envelope
+from tests.procs import reap_ray_of
 from tests.rediscluster.redisnodes import RedisNodes
 
 BASE_PORT = 7110  # a cluster of its own: this module kills one of its masters
@@ -82,6 +83,8 @@ def test_master_killed_under_load_is_survived(nodes: RedisNodes, serve_config: P
             assert manager.poll() is None, f"the manager exited with {manager.returncode} after the failover"
         finally:
             status = stop_manager(manager)
+            left = reap_ray_of(manager.pid)
+            assert not left, f"the manager's Ray left {len(left)} process(es) behind: {left}"
     handles: dict[str, tuple[Handle, float]] = run["handles"]  # type: ignore[assignment]
     seen: dict[str, Envelope | None] = run["seen"]  # type: ignore[assignment]
     client = settings.client()

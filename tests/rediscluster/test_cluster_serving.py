@@ -17,6 +17,7 @@ from nosq.manager.ops.demo import start_manager, stop_manager
 from nosq.producer import AsyncProducer, Producer, RedisSettings, keys
 from nosq.producer.resp import get_many_blocking
 from nosq.producer.wire import decode_envelope
+from tests.procs import reap_ray_of
 from tests.rediscluster.redisnodes import RedisNodes
 
 BASE_PORT = 7100
@@ -101,6 +102,8 @@ def test_manager_answers_sync_and_async_producers_once(nodes: RedisNodes, serve_
                                      "models"], check=False, capture_output=True, text=True, timeout=60)
         finally:
             assert stop_manager(manager) == 0
+            left = reap_ray_of(manager.pid)
+            assert not left, f"the manager's Ray left {len(left)} process(es) behind: {left}"
     assert [float(np.asarray(e.out)[0]) for e in ghost_out] == [float(-i) for i in range(1, 101)]
     assert all(env.ok for env in sync_out.values()), [e for e in sync_out.values() if not e.ok][:3]
     for (rid, env), x in zip(sync_out.items(), inputs, strict=True):
