@@ -162,8 +162,12 @@ class Manager:
             self._spawn_loop(lambda: scaling.run(self._stop), "autoscaler")
         self._spawn_loop(self._heartbeat, "heartbeat")
         await self._start_metrics()
-        self.control = ControlWorker(self)
-        self._spawn(self.control.run(), "control")
+        if settings.redis.cluster:  # arq's queue spans slots (MULTI/EXEC over its keys): no cluster support
+            log.warning("manager %s: the control plane (nosq models load/unload/scale) is off on Redis Cluster",
+                        settings.consumer)
+        else:
+            self.control = ControlWorker(self)
+            self._spawn(self.control.run(), "control")
         self.state = State.RUNNING
         log.info("manager %s serving %s", settings.consumer, ", ".join(self.pipelines))
 

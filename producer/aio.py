@@ -52,7 +52,7 @@ from nosq.producer.enqueue import (
     value_of,
 )
 from nosq.producer.errors import NosqError, NosqTimeout
-from nosq.producer.resp import Commands
+from nosq.producer.resp import Commands, get_many
 from nosq.producer.settings import RedisSettings
 from nosq.producer.wire import Envelope
 
@@ -448,7 +448,7 @@ class AsyncProducer:
         missing = [i for i, reply in enumerate(replies) if is_noscript(reply)]
         if missing:
             client: Any = self._client()
-            await client.execute_command("SCRIPT", "LOAD", ENQUEUE_BATCH_LUA)
+            await client.script_load(ENQUEUE_BATCH_LUA)  # every master on a cluster
             again = await self._execute([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
@@ -533,10 +533,17 @@ class AsyncProducer:
         last_id = b"0-0"
         trim_to: bytes | None = None  # the previous read's XTRIM, sent with the next read
         fetch: list[str] = []  # id-only notices: MGET their result keys with the next read
+        cluster = self._settings.cluster
         last_check = time.monotonic()
         while not self._closing:
             try:
                 with redis_errors("reading replies"):
+                    if fetch and cluster:  # keys on many slots: not in the pipeline
+                        for rid, data in zip(fetch, await get_many(client, [keys.result(r) for r in fetch]),
+                                             strict=True):
+                            if data is not None:
+                                self._resolve(rid, data)
+                        fetch = []
                     if trim_to is None and not fetch:
                         response = await client.xread({self._reply: last_id}, count=REPLY_COUNT,
                                                       block=REPLY_BLOCK_MS)
@@ -592,7 +599,7 @@ class AsyncProducer:
         if not stale:
             return
         with redis_errors("reading results"):
-            values = await self._client().mget([keys.result(rid) for rid in stale])
+            values = await get_many(self._client(), [keys.result(rid) for rid in stale])
         for rid, data in zip(stale, values, strict=True):
             if data is not None:
                 self._resolve(rid, data)

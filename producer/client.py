@@ -35,7 +35,7 @@ from nosq.producer.enqueue import (
     value_of,
 )
 from nosq.producer.errors import NosqError, NosqTimeout
-from nosq.producer.resp import Commands
+from nosq.producer.resp import Commands, get_many_blocking
 from nosq.producer.settings import RedisSettings
 from nosq.producer.wire import Envelope
 
@@ -138,7 +138,7 @@ class Producer:
         missing = [i for i, reply in enumerate(replies) if is_noscript(reply)]
         if missing:
             client: Any = self._client()
-            client.execute_command("SCRIPT", "LOAD", ENQUEUE_BATCH_LUA)
+            client.script_load(ENQUEUE_BATCH_LUA)  # every master on a cluster
             again = self._execute([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
@@ -214,7 +214,7 @@ class Producer:
         """Results whose completions were trimmed, or that came before this producer asked."""
         with redis_errors("reading results"):
             ids = [keys.result(rid) for rid in request_ids[:512]]
-            values: Any = self._client().mget(ids)
+            values = get_many_blocking(self._client(), ids)
         for rid, data in zip(request_ids, values, strict=False):
             if data is not None:
                 self._arrived[rid] = data
@@ -224,6 +224,12 @@ class Producer:
             if not wanted.isdisjoint(self._arrived):
                 return  # another thread read it while this one waited for the lock
             client = self._client()
+            if self._fetch and self._settings.cluster:  # keys on many slots: not in the pipeline
+                for rid, data in zip(self._fetch, get_many_blocking(client, [keys.result(r) for r in self._fetch]),
+                                     strict=True):
+                    if data is not None:
+                        self._arrived[rid] = data
+                self._fetch = []
             fetch, trim_to = self._fetch, self._trim_to
             if trim_to is None and not fetch:
                 response: Any = client.xread({self._reply: self._last_id}, count=REPLY_COUNT, block=block_ms)

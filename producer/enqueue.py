@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
 import redis
-from redis.exceptions import NoPermissionError, NoScriptError
+from redis.exceptions import (
+    ClusterDownError,
+    NoPermissionError,
+    NoScriptError,
+    RedisClusterException,
+    TryAgainError,
+)
 
 from nosq.producer import keys
 from nosq.producer.codec import decode_envelope_value, encode_value
@@ -312,7 +318,10 @@ def read_notices(response: Any) -> tuple[bytes | None, list[tuple[str, bytes | N
         if fields and len(fields) == 4 and fields[0] == b"id" and fields[2] == b"r":  # what managers write
             notices.append((fields[1].decode(), fields[3]))
             continue
-        found = dict(zip(fields[::2], fields[1::2], strict=False)) if fields else {}
+        if isinstance(fields, dict):  # a cluster client's nodes parse entries into dicts
+            found = fields
+        else:
+            found = dict(zip(fields[::2], fields[1::2], strict=False)) if fields else {}
         rid = found.get(b"id")
         if rid is not None:
             notices.append((rid.decode(), found.get(b"r")))
@@ -386,7 +395,8 @@ def redis_errors(where: str) -> Iterator[None]:
         yield
     except redis.AuthenticationError as exc:
         raise NosqConnectionError(f"{where}: Redis refused the credentials: {exc}") from exc
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError,
+            RedisClusterException) as exc:  # the last three: a cluster's master failing over
         raise NosqConnectionError(f"{where}: cannot reach Redis: {exc}") from exc
     except NoPermissionError as exc:
         raise NosqError(f"{where}: the Redis ACL user may not do this: {_reason(exc)} "

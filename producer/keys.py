@@ -70,8 +70,10 @@ def reply(client: str) -> str:
 
 
 def registry(name: str) -> str:
-    """The model registry's namespace (ACL patterns); its keys are the ``registry_*`` below."""
-    return f"{PREFIX}:registry:{name}"
+    """The model registry's namespace (ACL patterns); its keys are the ``registry_*`` below.
+    They share the hash tag ``{registry}``: one slot, so the registry's scripts run on Redis
+    Cluster (every key a script touches is on the node that runs it)."""
+    return f"{PREFIX}:{{registry}}:{name}"
 
 
 def registry_model(model: str) -> str:

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse, urlunparse
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 
 __all__ = ["RedisSettings"]
 
+_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
 
 class RedisSettings(BaseModel):
-    """How to reach Redis: ``redis://``, ``rediss://`` (TLS) or ``unix://`` URLs.
+    """How to reach Redis: ``redis://``, ``rediss://`` (TLS) or ``unix://`` URLs, or a Redis
+    Cluster by any one of its nodes: ``redis+cluster://host:port`` (``rediss+cluster://`` with
+    TLS). The cluster scheme is nosq's: redis-py takes the same URL as ``redis://`` given to
+    ``RedisCluster.from_url``, which is what the clients below are built with.
 
-    ``username``/``password``/``db`` override what the URL says.
+    ``username``/``password``/``db`` override what the URL says (a cluster has only db 0).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -40,13 +47,19 @@ class RedisSettings(BaseModel):
     @classmethod
     def _known_scheme(cls, url: str) -> str:
         scheme = urlparse(url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"Redis URL {url!r} must start with redis://, rediss:// or unix://")
+        if scheme not in _SCHEMES:
+            raise ValueError(f"Redis URL {url!r} must start with redis://, rediss://, unix://, redis+cluster:// "
+                             "or rediss+cluster://")
         return url
 
     @property
     def tls(self) -> bool:
-        return urlparse(self.url).scheme == "rediss"
+        return urlparse(self.url).scheme in ("rediss", "rediss+cluster")
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the URL names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+        return urlparse(self.url).scheme.endswith("+cluster")
 
     def _kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -74,12 +87,23 @@ class RedisSettings(BaseModel):
         user, _, password = parsed.netloc.rpartition("@")[0].partition(":")
         if self.username is None and self.password is None and user + password:
             netloc = parsed.netloc  # credentials only in the URL: keep them
-        path = "" if self.db is not None else parsed.path
-        return urlunparse((parsed.scheme, netloc, path, "", parsed.query, ""))
+        path = "" if self.db is not None or self.cluster else parsed.path
+        return urlunparse((parsed.scheme.removesuffix("+cluster"), netloc, path, "", parsed.query, ""))
+
+    def _cluster_kwargs(self) -> dict[str, Any]:
+        kwargs = self._kwargs()
+        kwargs.pop("db", None)
+        return kwargs
 
     def client(self) -> redis.Redis:
         """A synchronous client (bytes in, bytes out). More callers than ``max_connections``
-        wait for a free connection (up to ``pool_timeout_s``) instead of failing."""
+        wait for a free connection (up to ``pool_timeout_s``) instead of failing.
+
+        On a cluster URL this is a ``redis.cluster.RedisCluster`` (typed as ``redis.Redis``:
+        the commands nosq uses are the same; ``nosq.producer.resp`` routes its own)."""
+        if self.cluster:
+            cluster = redis.cluster.RedisCluster.from_url(self._url_without_overrides(), **self._cluster_kwargs())
+            return cast(redis.Redis, cluster)
         pool = redis.BlockingConnectionPool.from_url(self._url_without_overrides(), timeout=self.pool_timeout_s,
                                                      **self._kwargs())
         client: redis.Redis = redis.Redis.from_pool(pool)
@@ -90,6 +114,10 @@ class RedisSettings(BaseModel):
         connection, as with ``client()``. With ``reconnect_s`` > 0 a dropped connection
         is retried with exponential backoff (0.1 s doubling to 2 s) for about that long: a server
         restart then costs a pause, not an error."""
+        if self.cluster:  # a node lost is found again by the cluster client (slot map refreshed)
+            cluster = redis.asyncio.cluster.RedisCluster.from_url(self._url_without_overrides(),
+                                                                  **self._cluster_kwargs())
+            return cast(redis.asyncio.Redis, cluster)
         kwargs = self._kwargs()
         if reconnect_s > 0:
             kwargs["retry"] = AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=max(1, int(reconnect_s / 2)))

@@ -36,7 +36,7 @@ CONNECT = {
     "serve-http": "benchmarks.peers.serve_http:connect_http",
     "arq": "benchmarks.peers.arq_queue:connect",
 }
-PROFILE_PATTERN = "nosq:registry:profile:*"
+PROFILE_PATTERN = "nosq:{registry}:profile:*"
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 

@@ -58,15 +58,15 @@ a state (``parse_event`` reads them), so waiting needs no polling.
 
 Keys (each from its ``nosq.producer.keys.registry_*`` helper)::
 
-    nosq:registry:model:<model>               hash: state node device bytes owner replicas
+    nosq:{registry}:model:<model>               hash: state node device bytes owner replicas
                                               inflight uses load_ms loaded_at last_used backlog
                                               reserved_at draining_at released_at evicted_for
                                               last_error error_at
-    nosq:registry:device:<node>/<device>      hash: node device budget_bytes used_bytes
-    nosq:registry:resident:<node>/<device>    set: models counted on the device
-    nosq:registry:models                      set: every model ever reserved
-    nosq:registry:devices                     set: every <node>/<device> with a budget
-    nosq:registry:evictions                   stream: one entry per eviction decision (for, node,
+    nosq:{registry}:device:<node>/<device>      hash: node device budget_bytes used_bytes
+    nosq:{registry}:resident:<node>/<device>    set: models counted on the device
+    nosq:{registry}:models                      set: every model ever reserved
+    nosq:{registry}:devices                     set: every <node>/<device> with a budget
+    nosq:{registry}:evictions                   stream: one entry per eviction decision (for, node,
                                               device, policy, need, victims, candidates), the
                                               last ~EVICTIONS_KEPT; ``evictions()`` reads it
 
@@ -89,6 +89,7 @@ from redis.commands.core import AsyncScript
 
 from nosq.manager.memory import eviction
 from nosq.manager.memory.eviction import LUA_CHOOSE_VICTIMS, EvictionPolicy, ModelState, Resident
+from nosq.manager.runtime.redislink import LOST
 from nosq.producer import keys
 from nosq.producer.errors import NosqConnectionError, NosqError
 
@@ -384,6 +385,15 @@ redis.call('HSET', KEYS[1], 'bytes', int(new), 'replicas', ARGV[2])
 return {'ok', int(new)}
 """
 
+# KEYS: device hash, devices set.  ARGV: node, device, budget, label.  (A script, not MULTI: redis-py's
+# cluster pipeline has no transactions; one slot, so it runs on Redis Cluster too.)
+_SET_BUDGET = """
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'device', ARGV[2], 'budget_bytes', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'used_bytes', '0')
+redis.call('SADD', KEYS[2], ARGV[4])
+return 1
+"""
+
 # KEYS: devices set.  ARGV: model, device, resident prefixes.  Read-only.
 _AUDIT = _LUA_COMMON + """
 local out = {}
@@ -428,6 +438,7 @@ class Registry:
         self._record_error = client.register_script(_RECORD_ERROR)
         self._audit = client.register_script(_AUDIT)
         self._resize = client.register_script(_RESIZE)
+        self._set_budget = client.register_script(_SET_BUDGET)
 
     # -- budget and reservation -----------------------------------------------------------------
 
@@ -436,12 +447,7 @@ class Registry:
         label = _label(node, device)
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes} for device {label}")
-        with _translate():
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(_DEVICE + label, mapping={"node": node, "device": device, "budget_bytes": budget_bytes})
-            pipe.hsetnx(_DEVICE + label, "used_bytes", "0")
-            pipe.sadd(_DEVICES, label)
-            await pipe.execute()
+        await _run(self._set_budget, [_DEVICE + label, _DEVICES], [node, device, budget_bytes, label])
 
     async def reserve(self, model: str, *, node: str, device: str, nbytes: int) -> Reservation:
         """Atomically reserve ``nbytes`` (all replicas) for ``model`` on one device, or say why not.
@@ -717,7 +723,7 @@ def _translate() -> Iterator[None]:
     """Redis errors become nosq errors, with the cause kept."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except LOST as exc:  # a cluster's master failing over included
         raise NosqConnectionError(f"registry: Redis unreachable: {exc}; is Redis running?") from exc
     except redis.ResponseError as exc:
         raise RegistryError(f"registry script failed: {exc}") from exc

@@ -64,6 +64,10 @@ class Controllable(Protocol):
 
 def arq_settings(settings: RedisSettings) -> ArqRedisSettings:
     """arq's connection settings from nosq's (URL, ACL user, TLS)."""
+    if settings.cluster:
+        raise NosqError(f"the control plane (arq) cannot run on Redis Cluster ({settings.describe()}): arq's "
+                        "queue keys span slots. Change models by restarting managers with a new --config, "
+                        "or run the control plane against a plain Redis (docs/operations.md)")
     arq = ArqRedisSettings.from_dsn(settings.url)
     if settings.username is not None:
         arq.username = settings.username

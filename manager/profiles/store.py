@@ -1,7 +1,7 @@
 """Stored profiles: one per (model, device kind, input signature), shared through Redis.
 
 A profile is measured once (on a replica, in the process that serves the model) and stored as
-JSON under ``nosq:registry:profile:<model>:<device kind>:<signature>``; a restart and every
+JSON under ``nosq:{registry}:profile:<model>:<device kind>:<signature>``; a restart and every
 other manager that serves the model on the same kind of device reuse it. It carries the spec's
 fingerprint: a stored profile whose fingerprint differs from the spec being served (its
 max_batch, options, budget... changed), or of another format version, is ignored and measured

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis
+from redis.exceptions import ClusterDownError, RedisClusterException, TryAgainError
 
 from nosq.producer.errors import NosqConnectionError
 
@@ -28,7 +29,9 @@ __all__ = ["LOST", "RedisLink", "RedisOutage", "forever", "retrying"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-LOST = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
+# on Redis Cluster a master failing over also answers CLUSTERDOWN/TRYAGAIN, or leaves a slot unmapped
+LOST = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError, ClusterDownError, TryAgainError,
+        RedisClusterException)
 FIRST_DELAY_S = 0.1
 MAX_DELAY_S = 2.0
 

@@ -37,7 +37,7 @@ max_wait_ms = 2.0
 num_cpus = 0.25
 threads = 1
 """ for m in MODELS)
-DURABLE = (b"nosq:{", b"nosq:registry:", b"arq:")  # streams, registry, the control queue's keys
+DURABLE = (b"nosq:{", b"nosq:{registry}:", b"arq:")  # streams, registry, the control queue's keys
 
 
 def rss_mib(pid: int) -> float:

@@ -601,7 +601,7 @@ async def test_async_safety_check_runs_under_load(settings: RedisSettings, clien
 
 
 def test_settings_url_scheme() -> None:
-    with pytest.raises(ValidationError, match=r"redis://, rediss:// or unix://"):
+    with pytest.raises(ValidationError, match=r"redis://, rediss://, unix://, redis\+cluster:// or rediss\+cluster://"):
         RedisSettings(url="http://127.0.0.1:6379")
     with pytest.raises(ValidationError):
         RedisSettings(url="127.0.0.1:6379")

@@ -211,7 +211,7 @@ def test_profile_round_trips_through_json_and_refuses_other_versions() -> None:
 
 def test_profile_key_is_per_model_device_kind_and_signature() -> None:
     assert profile_key("mlp", "cuda:NVIDIA H100", "float32[512]") == \
-        "nosq:registry:profile:mlp:cuda:NVIDIA H100:float32[512]"
+        "nosq:{registry}:profile:mlp:cuda:NVIDIA H100:float32[512]"
 
 
 def test_spec_accepts_and_checks_an_example_option() -> None:
