@@ -251,12 +251,7 @@ class _ClusterPlan:
                     failure = exc
                     again.extend(indices)
                     continue
-                for index, answer in zip(indices, answers, strict=True):
-                    if isinstance(answer, _REDIRECTS):
-                        failure = answer
-                        again.append(index)
-                    else:
-                        replies[index] = answer
+                failure = _place(indices, answers, replies, again) or failure
             if not again:
                 break
             if time.monotonic() > deadline:
@@ -285,12 +280,7 @@ class _ClusterPlan:
                     continue
                 if isinstance(outcome, BaseException):
                     raise outcome
-                for index, answer in zip(indices, outcome, strict=True):
-                    if isinstance(answer, _REDIRECTS):
-                        failure = answer
-                        again.append(index)
-                    else:
-                        replies[index] = answer
+                failure = _place(indices, outcome, replies, again) or failure
             if not again:
                 break
             if time.monotonic() > deadline:
@@ -312,6 +302,19 @@ class _ClusterPlan:
             raise
         node._free.append(connection)  # redis-py's own release of a cluster node's connection
         return answers
+
+
+def _place(indices: list[int], answers: list[Any], replies: list[Any], again: list[int]) -> BaseException | None:
+    """One node's ``answers`` into ``replies`` (at ``indices``); a redirect or a cluster that is
+    failing over sends its command to ``again`` instead. Returns the last such reply, or None."""
+    failure: BaseException | None = None
+    for index, answer in zip(indices, answers, strict=True):
+        if isinstance(answer, _REDIRECTS):
+            failure = answer
+            again.append(index)
+        else:
+            replies[index] = answer
+    return failure
 
 
 def _pieces(parts: list[bytes | bytearray | memoryview]) -> list[list[bytes | bytearray | memoryview]]:

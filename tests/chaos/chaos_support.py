@@ -17,13 +17,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import redis
@@ -31,6 +30,7 @@ import redis
 from nosq.manager.ops.demo import start_manager, stop_manager
 from nosq.producer import NosqError, Producer, RedisSettings, keys
 from nosq.producer.wire import decode_envelope
+from tests.background import Background
 from tests.manager.harness import results
 from tests.procs import descendants, reap_ray_of
 
@@ -197,7 +197,7 @@ def kill_ray_of(pid: int, timeout_s: float = 15.0) -> list[int]:
 
 
 @dataclass
-class Load:
+class Load(Background):
     """A producer in a thread: ``batch`` requests per model every ``interval_s`` (sync
     ``submit_many``), recording every accepted id and when Redis acknowledged it."""
 
@@ -212,21 +212,13 @@ class Load:
     errors: Counter[str] = field(default_factory=Counter)
     client_id: str = ""
 
+    name: ClassVar[str] = "chaos-load"
+
     def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="chaos-load", daemon=True)
+        Background.__init__(self)
         rng = np.random.default_rng(0)
         self._inputs = {m: [rng.standard_normal(s, dtype=np.float32) for _ in range(16)]
                         for m, s in INPUT_SHAPES.items()}
-
-    def start(self) -> Load:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the load thread did not stop"
 
     def _run(self) -> None:
         started = time.monotonic()

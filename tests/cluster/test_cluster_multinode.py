@@ -40,6 +40,7 @@ from nosq.manager.serving import replicas as dispatcher
 from nosq.producer import Handle, NosqError, Producer, RedisSettings, keys
 from nosq.producer.aio import AsyncProducer
 from nosq.producer.wire import decode_envelope
+from tests.background import Background
 from tests.chaos.chaos_support import reply_notices
 from tests.cluster.cluster_support import LocalCluster
 from tests.cluster.conftest import REDIS_URL
@@ -72,30 +73,19 @@ resources = {head = 1}
 """
 
 
-class Load:
+class Load(Background):
     """A producer thread: ``per_model`` requests to each model every ``interval_s``."""
 
+    name = "cluster-load"
+
     def __init__(self, *, per_model: int = 4, interval_s: float = 0.05) -> None:
+        super().__init__()
         self.per_model = per_model
         self.interval_s = interval_s
         self.accepted: dict[str, str] = {}  # id -> model
         self.errors: Counter[str] = Counter()
         self.client_id = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cluster-load", daemon=True)
         self._lock = threading.Lock()
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the load thread did not stop"
 
     def ids(self, model: str | None = None) -> list[str]:
         with self._lock:

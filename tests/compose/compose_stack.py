@@ -18,7 +18,6 @@ import json
 import os
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import redis
 
 from nosq.producer import Envelope, Handle, NosqError, Producer, RedisSettings, keys
+from tests.background import Background
 
 __all__ = [
     "MODELS",
@@ -283,33 +283,21 @@ def collect_answers(producer: Producer, handles: Sequence[Handle], timeout_s: fl
     return answers
 
 
-class Load:
+class Load(Background):
     """A steady producer in a thread: ``batch`` requests to noop and to mlp in turn every
     ``interval_s`` (``submit_many``), keeping every handle that Redis accepted."""
 
+    name = "compose-load"
+
     def __init__(self, producer: Producer, *, batch: int = 8, interval_s: float = 0.05) -> None:
+        super().__init__()
         self._producer = producer
         self._batch = batch
         self._interval_s = interval_s
         self.handles: list[Handle] = []
         self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="compose-load", daemon=True)
         rng = np.random.default_rng(0)
         self._inputs = {m: rng.standard_normal((16, *MODELS[m]), dtype=np.float32) for m in ("noop", "mlp")}
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        if self._thread.is_alive():
-            raise StackError("the load thread did not stop within 30 s")
 
     def _run(self) -> None:
         turn = 0
