@@ -35,6 +35,8 @@ from nosq.manager.runtime import raycluster
 from nosq.manager.runtime.reaper import alive
 from nosq.manager.runtime.redislink import LOST, RedisLink, RedisOutage, forever
 from nosq.manager.scaling.loop import Scaling, check_config
+from nosq.manager.serving import depth
+from nosq.manager.serving.depth import Depth
 from nosq.manager.serving.janitor import Janitor
 from nosq.manager.serving.pipeline import ModelPipeline
 from nosq.manager.serving.replicas import ReplicaPool, cluster_gpus, start_failure, wants_gpu
@@ -162,12 +164,8 @@ class Manager:
             self._spawn_loop(lambda: scaling.run(self._stop), "autoscaler")
         self._spawn_loop(self._heartbeat, "heartbeat")
         await self._start_metrics()
-        if settings.redis.cluster:  # arq's queue spans slots (MULTI/EXEC over its keys): no cluster support
-            log.warning("manager %s: the control plane (nosq models load/unload/scale) is off on Redis Cluster",
-                        settings.consumer)
-        else:
-            self.control = ControlWorker(self)
-            self._spawn(self.control.run(), "control")
+        self.control = ControlWorker(self)  # on Redis Cluster: one hash-tagged slot, its master (ops/control.py)
+        self._spawn(self.control.run(), "control")
         self.state = State.RUNNING
         log.info("manager %s serving %s", settings.consumer, ", ".join(self.pipelines))
 
@@ -414,15 +412,9 @@ class Manager:
 
     async def _refresh_gauges(self) -> None:
         """Backlog, pending, replicas and resident bytes, read when scraped."""
-        pipe = self._client().pipeline(transaction=False)
-        for pipeline in self.pipelines.values():
-            pipe.xlen(pipeline.stream)
-            pipe.xpending(pipeline.stream, keys.GROUP)
-        answers = await pipe.execute(raise_on_error=False)
-        for index, model in enumerate(self.pipelines):
-            depth, pending = answers[2 * index], answers[2 * index + 1]
-            self.metrics.backlog.labels(model).set(depth if isinstance(depth, int) else 0)
-            self.metrics.pending.labels(model).set(pending.get("pending", 0) if isinstance(pending, dict) else 0)
+        for model, queue in zip(self.pipelines, await self._depths(), strict=True):
+            self.metrics.backlog.labels(model).set(queue.backlog)
+            self.metrics.pending.labels(model).set(queue.pending)
             self.metrics.replicas.labels(model).set(len(self._pools[model].replicas))
         if self.registry is not None:
             for device in await self.registry.devices():
@@ -463,13 +455,19 @@ class Manager:
         this manager needs to drain a tenth of the limit at its measured rate (50 ms to 10 s)."""
         pipe = self._client().pipeline(transaction=False)
         for model, pipeline in self.pipelines.items():
-            limit = pipeline.spec.max_backlog
-            if limit is None:
-                pipe.delete(keys.admission(model))
-                continue
+            tags, limit = pipeline.tags, pipeline.spec.max_backlog
             rate = pipeline.stats.snapshot()["req_per_s"]
-            retry_ms = 1000 if rate <= 0 else min(10_000, max(50, int(1000 * limit * 0.1 / rate)))
-            pipe.hset(keys.admission(model), mapping={"max_backlog": limit, "retry_after_ms": retry_ms})
+            for tag in tags:
+                if limit is None:
+                    pipe.hdel(keys.admission(tag), "max_backlog", "retry_after_ms")
+                    continue
+                retry_ms = 1000 if rate <= 0 else min(10_000, max(50, int(1000 * limit * 0.1 / rate)))
+                share = -(-limit // len(tags))  # the limit split evenly over the partitions
+                pipe.hset(keys.admission(tag), mapping={"max_backlog": share, "retry_after_ms": retry_ms})
+            if len(tags) > 1:  # where producers in any language find the partitions (protocol §1, Partitioned models)
+                pipe.hset(keys.admission(model), mapping={"partitions": len(tags), "tags": " ".join(tags)})
+            else:
+                pipe.hdel(keys.admission(model), "partitions", "tags")
         await pipe.execute()
 
     async def _publish_served(self) -> None:
@@ -498,14 +496,18 @@ class Manager:
         await self._client().set(keys.manager_heartbeat(self.settings.consumer), self._heartbeat_value(),
                                  ex=self.settings.heartbeat_ttl_s)
 
+    async def _depths(self) -> list[Depth]:
+        """Each served model's queue depth over its streams, in ``self.pipelines`` order."""
+        pipe = self._client().pipeline(transaction=False)
+        for pipeline in self.pipelines.values():
+            depth.ask(pipe, pipeline.streams)
+        answers = await pipe.execute(raise_on_error=False)
+        return depth.depths(answers, [len(p.streams) for p in self.pipelines.values()])
+
     async def _registry_heartbeat(self, registry: Registry) -> None:
         """Backlogs for the cost policy; release the models of managers that stopped heartbeating."""
-        client = self._client()
-        pipe = client.pipeline(transaction=False)
-        for pipeline in self.pipelines.values():
-            pipe.xlen(pipeline.stream)
-        depths = await pipe.execute()
-        await registry.set_backlog({m: int(d) for m, d in zip(self.pipelines, depths, strict=True)})
+        depths = await self._depths()
+        await registry.set_backlog({m: d.backlog for m, d in zip(self.pipelines, depths, strict=True)})
         reaped = await registry.reap_dead_owners()
         if reaped:
             log.warning("registry: released %s, whose manager stopped heartbeating", ", ".join(reaped))

@@ -33,6 +33,7 @@ from nosq.producer.enqueue import (
     SAFETY_CHECK_AFTER_S,
     Handle,
     Head,
+    Partitions,
     Refusal,
     Shaper,
     TensorType,
@@ -151,6 +152,7 @@ class AsyncProducer:
         self._client_id = new_client_id()
         self._reply = keys.reply(self._client_id)
         self._shaper = Shaper(content_type, self._client_id)
+        self._partitions = Partitions()
         self._redis: redis.asyncio.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, _Waiter] = {}
@@ -415,13 +417,13 @@ class AsyncProducer:
 
     async def _send(self, groups: list[_Group]) -> None:
         """One round trip for every request queued in one turn; each sink learns its outcome."""
-        calls = [(group, first, end) for group in groups for first, end in plan_calls(group.body)]
-        commands = [enqueue_command(group.head.key[0], group.head, group.body, first, end)
-                    for group, first, end in calls]
         try:
             with redis_errors(f"submitting to model {groups[0].head.key[0]!r}"
                               + (f" and {len(groups) - 1} more" if len(groups) > 1 else "")):
-                replies = await self._run_scripts(commands)
+                tags = await self._tags({group.head.key[0] for group in groups})
+                calls = [(group, call) for group in groups for call in plan_calls(group.body, tags[group.head.key[0]])]
+                replies = await self._run_scripts([enqueue_command(group.head, group.body, call)
+                                                   for group, call in calls])
         except BaseException as exc:
             error = exc if isinstance(exc, NosqError) else NosqError(f"the submit was interrupted: {exc!r}")
             for group in groups:
@@ -430,16 +432,30 @@ class AsyncProducer:
             if not isinstance(exc, NosqError):
                 raise
             return
-        for (group, first, end), reply in zip(calls, replies, strict=True):
-            accepted = first + int(reply[0])
-            refusal = refusal_of(reply) if accepted < end else None
+        for (group, call), reply in zip(calls, replies, strict=True):
+            accepted = int(reply[0])
+            refusal = refusal_of(reply) if accepted < len(call.indices) else None
             sinks = group.sinks
-            for i in range(first, end):
+            for position, i in enumerate(call.indices):
                 sink = sinks[i]
                 if isinstance(sink, tuple):
-                    sink[0].report(sink[1], i < accepted, refusal)
-                elif i >= accepted and refusal is not None and not sink.done():
+                    sink[0].report(sink[1], position < accepted, refusal)
+                elif position >= accepted and refusal is not None and not sink.done():
                     sink.set_exception(queue_full(group.head.key[0], refusal))
+
+    async def _tags(self, models: set[str]) -> dict[str, list[str]]:
+        """Each model's partition tags, read again from its admission hash when stale (one
+        round trip for all the stale ones)."""
+        partitions = self._partitions
+        stale = [model for model in models if partitions.stale(model)]
+        if stale:
+            batch = Commands()
+            for model in stale:
+                batch.add(b"HGET", keys.admission(model), b"tags")
+            for model, value in zip(stale, await batch.send(self._client()), strict=True):
+                raise_reply_error(value)
+                partitions.learn(model, value)
+        return {model: partitions.tags(model) for model in models}
 
     async def _run_scripts(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """EVALSHA each command; after a NOSCRIPT (a restarted or flushed server), SCRIPT LOAD

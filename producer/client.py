@@ -17,6 +17,7 @@ from nosq.producer.enqueue import (
     REPLY_COUNT,
     SAFETY_CHECK_AFTER_S,
     Handle,
+    Partitions,
     Refusal,
     Shaper,
     TensorType,
@@ -59,6 +60,7 @@ class Producer:
         self._client_id = new_client_id()
         self._reply = keys.reply(self._client_id)
         self._shaper = Shaper(content_type, self._client_id)
+        self._partitions = Partitions()
         self._redis: redis.Redis | None = None
         self._arrived: dict[str, bytes] = {}  # results read but not yet claimed
         self._mine: set[str] = set()  # ids submitted here whose results were not yet claimed
@@ -112,24 +114,32 @@ class Producer:
         shaper = self._shaper
         head = shaper.head(model, method, ttl_s, priority)
         handles, body = shaper.requests(head, inputs, shaper.deadline(timeout_s, deadline_ms), request_ids)
-        calls = plan_calls(body)
-        if not calls:
+        if not body:
             return handles
-        commands = [enqueue_command(model, head, body, first, end) for first, end in calls]
         with redis_errors(f"submitting to model {model!r}"):
-            replies = self._run_scripts(commands)
-        accepted: list[Handle] = []
+            calls = plan_calls(body, self._tags(model))
+            replies = self._run_scripts([enqueue_command(head, body, call) for call in calls])
+        taken: list[int] = []
         refusal: Refusal | None = None
-        for (first, end), reply in zip(calls, replies, strict=True):
+        for call, reply in zip(calls, replies, strict=True):
             count = int(reply[0])
-            accepted += handles[first : first + count]
-            if first + count < end and refusal is None:
+            taken += call.indices[:count]
+            if count < len(call.indices) and refusal is None:
                 refusal = refusal_of(reply)
+        accepted = [handles[i] for i in sorted(taken)]
         with self._lock:
             self._mine.update(h.id for h in accepted)
         if refusal is not None:
             raise queue_full(model, refusal, accepted)
         return handles
+
+    def _tags(self, model: str) -> list[str]:
+        """The model's partition tags, read again from its admission hash when stale."""
+        partitions = self._partitions
+        if partitions.stale(model):
+            value: Any = self._client().hget(keys.admission(model), "tags")
+            return partitions.learn(model, value)
+        return partitions.tags(model)
 
     def _run_scripts(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """EVALSHA each command; after a NOSCRIPT (a restarted or flushed server), SCRIPT LOAD

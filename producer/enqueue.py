@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
@@ -39,11 +40,14 @@ __all__ = [
     "ENQUEUE_CHUNK_BYTES",
     "ENQUEUE_LUA",
     "ENQUEUE_MANY_LUA",
+    "PARTITIONS_TTL_S",
     "REPLY_BLOCK_MS",
     "REPLY_COUNT",
     "SAFETY_CHECK_AFTER_S",
+    "Call",
     "Handle",
     "Head",
+    "Partitions",
     "Refusal",
     "Shaper",
     "TensorType",
@@ -149,6 +153,7 @@ ENQUEUE_BATCH_SHA: Final = hashlib.sha1(ENQUEUE_BATCH_LUA.encode()).hexdigest()
 ENQUEUE_CHUNK: Final = 1000
 ENQUEUE_CHUNK_BYTES: Final = 8 << 20
 NO_DEADLINE: Final = b""
+PARTITIONS_TTL_S: Final = 5.0  # how long a producer trusts the partition tags it read
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,31 +270,78 @@ class Shaper:
         return rid, (rid, payload, NO_DEADLINE if deadline_ms is None else b"%d" % deadline_ms)
 
 
-def plan_calls(body: Sequence[Any]) -> list[tuple[int, int]]:
-    """(first, end) request indexes of each script call for ``body`` (3 arguments a request):
-    at most ENQUEUE_CHUNK requests and, past the first, ENQUEUE_CHUNK_BYTES of payload each."""
+class Call(NamedTuple):
+    """One script call: the requests (indexes into a body) it enqueues on one partition's stream."""
+
+    tag: str  # the partition's hash tag: the model id, or ``<model>~<k>``
+    indices: range | list[int]
+
+
+def plan_calls(body: Sequence[Any], tags: Sequence[str]) -> list[Call]:
+    """The script calls for ``body`` (3 arguments a request) on a model whose partitions have
+    ``tags`` (``[model]`` for one stream): each request on its partition (``keys.partition_of``),
+    at most ENQUEUE_CHUNK requests and, past the first, ENQUEUE_CHUNK_BYTES of payload a call."""
     n = len(body) // 3
+    if len(tags) > 1:
+        groups: dict[int, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(keys.partition_of(body[3 * i], len(tags)), []).append(i)
+        return [Call(tags[p], [group[i] for i in part]) for p, group in sorted(groups.items())
+                for part in _chunks(body, group)]
+    return [Call(tags[0], part) for part in _chunks(body, range(n))]
+
+
+def _chunks(body: Sequence[Any], indices: Sequence[int]) -> list[range]:
+    """``indices`` cut in runs (ranges of positions in ``indices``) within the call bounds."""
+    n = len(indices)
     if n <= ENQUEUE_CHUNK and n * 4096 <= ENQUEUE_CHUNK_BYTES:
-        size = sum(len(body[3 * i + 1]) for i in range(n))
+        size = sum(len(body[3 * i + 1]) for i in indices)
         if size <= ENQUEUE_CHUNK_BYTES:
-            return [(0, n)] if n else []
-    calls: list[tuple[int, int]] = []
+            return [range(n)] if n else []
+    runs: list[range] = []
     first, size = 0, 0
-    for i in range(n):
+    for at, i in enumerate(indices):
         payload_size = len(body[3 * i + 1])
-        if i > first and (i - first >= ENQUEUE_CHUNK or size + payload_size > ENQUEUE_CHUNK_BYTES):
-            calls.append((first, i))
-            first, size = i, 0
+        if at > first and (at - first >= ENQUEUE_CHUNK or size + payload_size > ENQUEUE_CHUNK_BYTES):
+            runs.append(range(first, at))
+            first, size = at, 0
         size += payload_size
     if n > first:
-        calls.append((first, n))
-    return calls
+        runs.append(range(first, n))
+    return runs
 
 
-def enqueue_command(model: str, head: Head, body: Sequence[Any], first: int, end: int) -> tuple[Any, ...]:
-    """The EVALSHA command of requests ``first``..``end`` of ``body``."""
-    return ("EVALSHA", ENQUEUE_BATCH_SHA, 2, keys.requests(model), keys.admission(model), *head.argv,
-            *body[3 * first : 3 * end])
+def enqueue_command(head: Head, body: Sequence[Any], call: Call) -> tuple[Any, ...]:
+    """The EVALSHA command of the requests of ``call``."""
+    indices = call.indices
+    if isinstance(indices, range):
+        args = body[3 * indices.start : 3 * indices.stop]
+    else:
+        args = [arg for i in indices for arg in body[3 * i : 3 * i + 3]]
+    return ("EVALSHA", ENQUEUE_BATCH_SHA, 2, keys.requests(call.tag), keys.admission(call.tag), *head.argv, *args)
+
+
+class Partitions:
+    """Each model's partition tags as its managers publish them (``keys.published_tags``), looked
+    up again every ``PARTITIONS_TTL_S``: a model partitioned later is picked up within that."""
+
+    def __init__(self) -> None:
+        self._tags: dict[str, tuple[list[str], float]] = {}
+
+    def stale(self, model: str) -> bool:
+        known = self._tags.get(model)
+        return known is None or known[1] <= time.monotonic()
+
+    def learn(self, model: str, value: bytes | str | None) -> list[str]:
+        tags = keys.published_tags(model, value)
+        if len(self._tags) >= 4096:
+            self._tags.clear()
+        self._tags[model] = (tags, time.monotonic() + PARTITIONS_TTL_S)
+        return tags
+
+    def tags(self, model: str) -> list[str]:
+        known = self._tags.get(model)
+        return [model] if known is None else known[0]
 
 
 def is_noscript(reply: Any) -> bool:

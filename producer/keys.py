@@ -6,6 +6,10 @@ belong to one request carry the request id, so the layout works on Redis Cluster
 
 from __future__ import annotations
 
+import zlib
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
 __all__ = [
     "GROUP",
     "PREFIX",
@@ -14,6 +18,10 @@ __all__ = [
     "dead_letters",
     "done",
     "manager_heartbeat",
+    "model_of_tag",
+    "partition_of",
+    "partition_tags",
+    "published_tags",
     "registry",
     "registry_device",
     "registry_devices",
@@ -31,6 +39,7 @@ __all__ = [
 ]
 
 PREFIX = "nosq"
+PARTITION_MARK = "~"  # never in a model id: ``mlp~3`` is a partition of ``mlp``, never a model
 GROUP = "nosq"  # the consumer group every manager reads request streams through
 
 
@@ -130,3 +139,59 @@ def manager_heartbeat(consumer: str) -> str:
 def stream_pattern() -> str:
     """SCAN pattern that matches every model's request stream."""
     return f"{PREFIX}:{{*}}:req"
+
+
+# -- partitions: one hot model's requests over N streams on different slots ---------------------
+
+def partition_tags(model: str, partitions: int) -> list[str]:
+    """The hash tags of a model's ``partitions`` streams, partition 0 first.
+
+    Partition 0 is the model id itself (its keys are those of an unpartitioned model). The others
+    are ``<model>~<k>``, each with the smallest ``k`` whose slot falls in a part of the slot range
+    (16384 slots cut in ``partitions`` equal parts) that no earlier partition has: a cluster that
+    spreads its slots in contiguous ranges over its masters (``redis-cli --cluster create`` does)
+    then has each partition on another master as long as there are masters. Clients need not
+    compute this: the manager publishes the tags (``published_tags``)."""
+    if partitions <= 1:
+        return [model]
+    def part_of(tag: str) -> int:
+        slot: int = key_slot(tag.encode())
+        return slot * partitions // REDIS_CLUSTER_HASH_SLOTS
+
+    taken = {part_of(model)}
+    tags = [model]
+    k = 0
+    for _ in range(partitions - 1):
+        while True:
+            k += 1
+            tag = f"{model}{PARTITION_MARK}{k}"
+            if part_of(tag) not in taken:
+                break
+        taken.add(part_of(tag))
+        tags.append(tag)
+    return tags
+
+
+def published_tags(model: str, value: bytes | str | None) -> list[str]:
+    """The tags a manager published in the ``tags`` field of the model's admission hash (space
+    separated), or the model alone when there is no such field (one stream)."""
+    if not value:
+        return [model]
+    text = value.decode() if isinstance(value, bytes) else value
+    tags = text.split()
+    return tags if tags and tags[0] == model else [model]
+
+
+def partition_of(request_id: str | bytes, partitions: int) -> int:
+    """The partition a request goes to: CRC-32 (zlib's, IEEE) of its id's UTF-8 bytes modulo the
+    count. By id, not round robin: a request sent again with the same id lands on the same
+    stream, where its first copy is (idempotent retries stay idempotent)."""
+    if partitions <= 1:
+        return 0
+    raw = request_id.encode() if isinstance(request_id, str) else request_id
+    return zlib.crc32(raw) % partitions
+
+
+def model_of_tag(tag: str) -> str:
+    """The model a stream's hash tag belongs to (``mlp~3`` -> ``mlp``)."""
+    return tag.partition(PARTITION_MARK)[0]

@@ -94,6 +94,7 @@ class Request:
     enqueued_ms: int = 0  # from the stream entry id
     read_ms: int = 0  # when a manager read it (server side)
     deliveries: int = 1  # how many times it was delivered (server side)
+    partition: int = 0  # which of its model's streams it was read from (server side)
 
 
 @dataclass(slots=True)

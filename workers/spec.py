@@ -38,8 +38,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # default, so a spec that does not use them keeps the fingerprint (and the profiles) it had
 _FINGERPRINT_IF_SET = {"compile": "eager", "compile_mode": None}
 # where compiled artifacts live does not change the model: never part of the fingerprint
-_NOT_FINGERPRINTED = ("compile_cache_dir", "input", "max_backlog", "min_replicas", "max_replicas", "scale_up_delay_s",
-                      "scale_down_delay_s", "scale_target_wait_s",
+_NOT_FINGERPRINTED = ("compile_cache_dir", "input", "max_backlog", "partitions", "min_replicas", "max_replicas",
+                      "scale_up_delay_s", "scale_down_delay_s", "scale_target_wait_s",
                       "bucketing")  # how batches are formed, not the model
 # nor does where its replicas run (custom Ray resources): moving a model keeps its profiles
 _PLACEMENT_FIELDS = ("resources",)
@@ -115,6 +115,9 @@ class ModelSpec(BaseModel):
     # lists are converted to it, and batches of it are decoded straight into one buffer
     input: ItemSchema | None = None
     max_backlog: int | None = Field(default=None, ge=1)  # entries waiting before producers get QueueFull
+    # request streams: more than one spreads a hot model's queue over a Redis Cluster's masters
+    # (``keys.partition_tags``); max_backlog is then split evenly over them
+    partitions: int = Field(default=1, ge=1, le=64)
     # batches by length (text models): None forms them in arrival order, up to max_batch items
     bucketing: Bucketing | None = None
     # eager, torch.jit.trace per batch bucket, or torch.compile (``nosq.workers.compiling``)

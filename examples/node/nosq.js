@@ -12,11 +12,13 @@
  *   if (envelope.ok) console.log(envelope.out.x.toTypedArray());
  *
  * Tensors decode to `Tensor` objects (dtype, shape, little-endian bytes). Nothing here is
- * specific to one model: inputs are any msgpack/JSON value with tensors inside.
+ * specific to one model: inputs are any msgpack/JSON value with tensors inside. A model served
+ * on several request streams (`partitions = N` in its spec) is followed: see `partitionTags`.
  */
 
 const crypto = require('node:crypto');
 const os = require('node:os');
+const zlib = require('node:zlib');
 const msgpack = require('@msgpack/msgpack');
 const { RESP_TYPES } = require('redis');
 
@@ -28,12 +30,16 @@ const CONTENT_TYPES = Object.freeze(['msgpack', 'json']);
 const REQUEST_ID_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
 const MODEL_ID_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const LITTLE_ENDIAN_HOST = os.endianness() === 'LE';
+const PARTITIONS_TTL_S = 5; // how long a client trusts the partition tags it read (as Python's)
 
-/** The key names, exactly as producer/keys.py builds them. */
+/**
+ * The key names, exactly as producer/keys.py builds them. The model keys take a model id or,
+ * for one partition of a partitioned model, that partition's tag (`mlp~4`).
+ */
 const keys = Object.freeze({
-  requests: (model) => `nosq:{${model}}:req`,
+  requests: (tag) => `nosq:{${tag}}:req`,
   deadLetters: (model) => `nosq:{${model}}:dlq`,
-  admission: (model) => `nosq:{${model}}:admission`,
+  admission: (tag) => `nosq:{${tag}}:admission`,
   result: (id) => `nosq:res:{${id}}`,
   done: (id) => `nosq:done:{${id}}`,
   cancel: (id) => `nosq:cancel:{${id}}`,
@@ -223,8 +229,59 @@ function decodeEnvelope(ct, bytes) {
   return envelope;
 }
 
+// -- partitions: a hot model's requests spread over N streams (producer/keys.py) -------------
+
+const CRC_TABLE = Int32Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k += 1) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c;
+});
+
+/** zlib's CRC-32 (IEEE) as an unsigned 32-bit integer: zlib.crc32 from Node 20.15, else a table. */
+const crc32 = zlib.crc32 || ((data) => {
+  let crc = -1;
+  for (const byte of data) crc = CRC_TABLE[(crc ^ byte) & 0xff] ^ (crc >>> 8);
+  return (crc ^ -1) >>> 0;
+});
+
 /**
- * Enqueue one request on the model's stream; resolves to its id.
+ * The partition (0 to n - 1) request `id` goes to: CRC-32 of its UTF-8 bytes modulo `n`. By id,
+ * so a request sent again with the same id lands on the stream its first copy is on.
+ */
+function partitionOf(id, n) {
+  return n <= 1 ? 0 : crc32(Buffer.from(id, 'utf8')) % n;
+}
+
+/**
+ * The tags a manager published in the `tags` field of the model's admission hash (space
+ * separated, partition 0 first, and partition 0 is the model id), or [model] without one.
+ */
+function publishedTags(model, value) {
+  const tags = value == null ? [] : String(value).trim().split(/\s+/);
+  return tags[0] === model ? tags : [model];
+}
+
+const partitionCache = new WeakMap(); // client -> Map(model -> {tags, until: ms})
+
+/**
+ * The model's partition tags, as `client`'s Redis publishes them (`HGET
+ * nosq:{<model>}:admission tags`), read at most once per PARTITIONS_TTL_S per client and model:
+ * a model partitioned (or no longer) later is followed within that time.
+ */
+async function partitionTags(client, model) {
+  let known = partitionCache.get(client);
+  if (known === undefined) partitionCache.set(client, (known = new Map()));
+  const cached = known.get(model);
+  if (cached !== undefined && cached.until > Date.now()) return cached.tags;
+  const tags = publishedTags(model, await client.hGet(keys.admission(model), 'tags'));
+  if (known.size >= 4096) known.clear(); // many models: start over rather than grow
+  known.set(model, { tags, until: Date.now() + PARTITIONS_TTL_S * 1000 });
+  return tags;
+}
+
+/**
+ * Enqueue one request on the model's stream (on a partitioned model, on the stream of the
+ * request's partition: `partitionOf(id, tags.length)`); resolves to its id.
  *
  * options: ct ('msgpack' | 'json', default msgpack), timeoutMs (sets the deadline `dl` to now
  * + timeoutMs) or deadlineMs (absolute unix ms), ttlS (result TTL, default 600), method, id
@@ -269,11 +326,14 @@ async function enqueue(client, model, inputs, options = {}) {
   if (reply !== undefined) fields.push('reply', reply);
   if (priority !== 1) fields.push('prio', String(priority));
 
+  // the partition's tag stands in for the model id in its stream and admission hash
+  const tags = await partitionTags(client, model);
+  const tag = tags[partitionOf(id, tags.length)];
   if (!admission) {
-    await client.sendCommand(['XADD', keys.requests(model), '*', ...fields]);
+    await client.sendCommand(['XADD', keys.requests(tag), '*', ...fields]);
     return id;
   }
-  const scriptKeys = ['2', keys.requests(model), keys.admission(model)];
+  const scriptKeys = ['2', keys.requests(tag), keys.admission(tag)];
   let answer;
   try {
     answer = await client.sendCommand(['EVALSHA', ENQUEUE_SHA, ...scriptKeys, ...fields]);
@@ -466,6 +526,7 @@ module.exports = {
   ENQUEUE_LUA,
   MAX_TTL_S,
   MODEL_ID_RE,
+  PARTITIONS_TTL_S,
   PROTOCOL_VERSION,
   REQUEST_ID_RE,
   NosqError,
@@ -480,5 +541,8 @@ module.exports = {
   encodeValue,
   enqueue,
   keys,
+  partitionOf,
+  partitionTags,
+  publishedTags,
   waitResult,
 };

@@ -140,10 +140,12 @@ class Loader:
         if idle:
             pipe = self._redis.pipeline(transaction=False)
             for model in idle:
-                pipe.xlen(keys.requests(model))
-            depths = await pipe.execute()
-            for model, depth in zip(idle, depths, strict=True):
-                if int(depth) > 0 and not stop.is_set():
+                for stream in self._pipelines[model].streams:
+                    pipe.xlen(stream)
+            lengths = iter(await pipe.execute())
+            for model in idle:
+                backlog = sum(int(next(lengths)) for _ in self._pipelines[model].streams)
+                if backlog > 0 and not stop.is_set():
                     self._busy.add(model)
                     self._spawn(self._load(model, stop), f"load-{model}")
         mine = {row["model"]: row["state"] for row in await self.registry.snapshot(owner=self.registry.owner)}

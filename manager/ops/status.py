@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 
+from nosq.manager.serving import depth
 from nosq.producer import keys
 
 __all__ = ["autoscaling", "collect", "heartbeats", "render"]
@@ -61,17 +62,22 @@ def collect(client: redis.Redis) -> dict[str, Any]:
         fields: Any = client.hgetall(key)
         record = {k.decode(): v.decode() for k, v in fields.items()}
         registry[key.decode().removeprefix(keys.registry_model(""))] = record
-    pipe = client.pipeline(transaction=False)
     names = sorted(models)
-    for model in names:
-        pipe.xlen(keys.requests(model))
-        pipe.xpending(keys.requests(model), keys.GROUP)
-    answers = pipe.execute(raise_on_error=False)
-    for index, model in enumerate(names):
-        depth, pending = answers[2 * index], answers[2 * index + 1]
+    pipe = client.pipeline(transaction=False)
+    for model in names:  # the partitions its managers published
+        pipe.hget(keys.admission(model), "tags")
+    tags = [keys.published_tags(model, value if isinstance(value, bytes) else None)
+            for model, value in zip(names, pipe.execute(raise_on_error=False), strict=True)]
+    pipe = client.pipeline(transaction=False)
+    for model_tags in tags:
+        depth.ask(pipe, [keys.requests(tag) for tag in model_tags])
+    found = depth.depths(pipe.execute(raise_on_error=False), [len(t) for t in tags])
+    for model, model_tags, queue in zip(names, tags, found, strict=True):
         row = models[model]
-        row["backlog"] = depth if isinstance(depth, int) else 0
-        row["pending"] = pending.get("pending", 0) if isinstance(pending, dict) else 0
+        row["backlog"] = queue.backlog
+        row["pending"] = queue.pending
+        if len(model_tags) > 1:
+            row["partitions"] = len(model_tags)
         if model in registry:
             row["state"] = registry[model].get("state", "")
             row["resident_mib"] = round(int(registry[model].get("bytes", 0) or 0) / 2**20, 1)

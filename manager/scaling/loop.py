@@ -41,10 +41,10 @@ from ray.exceptions import RayError
 
 from nosq.manager.memory.loader import Loader
 from nosq.manager.scaling.policy import Autoscaler, Decision, Observation, ScalingPolicy
+from nosq.manager.serving import depth
 from nosq.manager.serving.pipeline import ModelPipeline
 from nosq.manager.serving.replicas import ReplicaPool
 from nosq.manager.settings import ManagerSettings
-from nosq.producer import keys
 from nosq.producer.errors import NosqError
 from nosq.workers.spec import ServeConfig
 
@@ -204,30 +204,24 @@ class Scaling:
         pipe = self._redis.pipeline(transaction=False)
         pipe.time()
         for model in models:
-            stream = keys.requests(model)
-            pipe.xlen(stream)
-            pipe.xpending(stream, keys.GROUP)
-            pipe.xrange(stream, count=1)
+            depth.ask(pipe, self._pipelines[model].streams)
         answers = await pipe.execute(raise_on_error=False)
         seconds, micros = answers[0]
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         out = {}
-        for index, model in enumerate(models):
-            depth, pending, first = answers[1 + 3 * index: 4 + 3 * index]
-            backlog = depth if isinstance(depth, int) else 0
-            waiting = int(pending.get("pending", 0)) if isinstance(pending, dict) else 0
+        found = depth.depths(answers[1:], [len(self._pipelines[model].streams) for model in models])
+        for model, queue in zip(models, found, strict=True):
+            backlog = queue.backlog
             oldest_s = 0.0
-            if backlog and isinstance(first, list) and first:
-                entry_id = first[0][0]
-                entry_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                oldest_s = max(0.0, (now_ms - int(entry_id.partition("-")[0])) / 1000)
+            if backlog and queue.oldest_ms is not None:
+                oldest_s = max(0.0, (now_ms - queue.oldest_ms) / 1000)
             replicas = len(self._pools[model].replicas)
             pipeline = self._pipelines[model]
             # measured since the count last changed: a rate of fewer replicas is not theirs
             served = pipeline.stats.rate(since=self._changed_at.get(model, 0.0))
             out[model] = (Observation(backlog=backlog, oldest_age_s=oldest_s, replicas=replicas,
                                       predicted_rate=_predicted_rate(pipeline), served_per_s=served,
-                                      startup_s=self._startup_s.get(model, 0.0)), waiting)
+                                      startup_s=self._startup_s.get(model, 0.0)), queue.pending)
         return out
 
 

@@ -53,8 +53,20 @@ class Janitor:
                 pass
 
     async def reclaim(self, pipeline: ModelPipeline) -> int:
-        """Take over entries idle past ``min_idle_ms``; returns how many were taken."""
+        """Take over entries idle past ``min_idle_ms`` in every partition's stream; returns how
+        many were taken."""
+        taken = 0
+        for partition in range(len(pipeline.streams)):
+            taken += await self._reclaim(pipeline, partition)
+        if taken:
+            self.reclaimed += taken
+            pipeline.metrics.reclaimed.labels(pipeline.spec.id).inc(taken)
+            log.warning("model %s: reclaimed %d idle entries", pipeline.spec.id, taken)
+        return taken
+
+    async def _reclaim(self, pipeline: ModelPipeline, partition: int) -> int:
         settings = self._settings
+        stream = pipeline.streams[partition]
         start = "0-0"
         taken = 0
         while True:
@@ -62,27 +74,26 @@ class Janitor:
             if room <= 0:
                 break
             response: Any = await self._redis.xautoclaim(
-                pipeline.stream, keys.GROUP, settings.consumer, settings.min_idle_ms,
+                stream, keys.GROUP, settings.consumer, settings.min_idle_ms,
                 start_id=start, count=min(room, CLAIM_COUNT),
             )
             start = response[0].decode() if isinstance(response[0], bytes) else response[0]
             entries = [(eid, fields) for eid, fields in response[1] if eid is not None]
             deleted = response[2] if len(response) > 2 else []
             if deleted:
-                await self._redis.xack(pipeline.stream, keys.GROUP, *deleted)
+                await self._redis.xack(stream, keys.GROUP, *deleted)
             if entries:
                 taken += len(entries)
-                await pipeline.admit_redelivered(entries)
+                await pipeline.admit_redelivered(entries, partition)
             if start == "0-0" or not entries:
                 break
-        if taken:
-            self.reclaimed += taken
-            pipeline.metrics.reclaimed.labels(pipeline.spec.id).inc(taken)
-            log.warning("model %s: reclaimed %d idle entries", pipeline.spec.id, taken)
         return taken
 
     async def refresh(self, pipeline: ModelPipeline) -> None:
         """Reset the idle time of entries held for a while, buffered or running (XCLAIM JUSTID)."""
-        ids: list[Any] = list(pipeline.held_entries(self._settings.min_idle_ms // 4))
-        if ids:
-            await self._redis.xclaim(pipeline.stream, keys.GROUP, self._settings.consumer, 0, ids, justid=True)
+        held: dict[int, list[Any]] = {}
+        for partition, entry_id in pipeline.held_entries(self._settings.min_idle_ms // 4):
+            held.setdefault(partition, []).append(entry_id)
+        for partition, ids in held.items():
+            await self._redis.xclaim(pipeline.streams[partition], keys.GROUP, self._settings.consumer, 0, ids,
+                                     justid=True)

@@ -60,7 +60,11 @@ class ModelPipeline:
                  latency: LatencyModel | None = None, metrics: Metrics | None = None,
                  registry: Registry | None = None, link: RedisLink | None = None) -> None:
         self.spec = spec
-        self.stream = keys.requests(spec.id)
+        # one stream per partition (``keys.partition_tags``), more when an earlier configuration
+        # had more partitions (``find_leftovers``); read by one reader each into one batcher
+        self.tags = keys.partition_tags(spec.id, spec.partitions)
+        self.streams = [keys.requests(tag) for tag in self.tags]
+        self._leftovers_checked = False
         self._redis = client
         self._pool = pool
         self._settings = settings
@@ -73,7 +77,7 @@ class ModelPipeline:
                                max_bytes=settings.max_batch_bytes, buckets=buckets)
         self.writer = ResultWriter(client, model=spec.id, consumer=settings.consumer,
                                    reply_maxlen=settings.reply_maxlen, link=self.link,
-                                   reply_inline_bytes=settings.reply_inline_bytes)
+                                   reply_inline_bytes=settings.reply_inline_bytes, streams=self.streams)
         self.metrics = metrics or Metrics()
         self.stats = RollingStats()
         self._wake = asyncio.Event()  # work arrived or a batch finished
@@ -119,22 +123,38 @@ class ModelPipeline:
         slots = max(1, len(self._pool.replicas)) * self._settings.inflight_per_replica
         return self.spec.max_batch * (slots + 1) + self._settings.priority_lookahead
 
-    def held_entries(self, older_than_ms: int = 0) -> list[str]:
-        """Entry ids this manager holds (buffered or running) read more than ``older_than_ms`` ago:
-        the janitor keeps them claimed, so nobody (this manager included) reclaims live work."""
+    def held_entries(self, older_than_ms: int = 0) -> list[tuple[int, str]]:
+        """(partition, entry id) of the entries this manager holds (buffered or running) read more
+        than ``older_than_ms`` ago: the janitor keeps them claimed, so nobody (this manager
+        included) reclaims live work."""
         cutoff = now_ms() - older_than_ms
-        held = [r.entry_id for r in self.batcher.pending() if r.read_ms <= cutoff]
-        held.extend(r.entry_id for _, batch in self._batches.values() for r in batch if r.read_ms <= cutoff)
+        held = [(r.partition, r.entry_id) for r in self.batcher.pending() if r.read_ms <= cutoff]
+        held.extend((r.partition, r.entry_id) for _, batch in self._batches.values() for r in batch
+                    if r.read_ms <= cutoff)
         return held
 
     # -- reading ----------------------------------------------------------------------------
 
     async def ensure_group(self) -> None:
-        try:
-            await self._redis.xgroup_create(self.stream, keys.GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in self.streams:
+            try:
+                await self._redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def find_leftovers(self) -> None:
+        """Add the streams of partitions an earlier configuration had and this one has not
+        (``partitions`` lowered): producers no longer write them, this manager drains them."""
+        if self._leftovers_checked:  # once: a SCAN walks the whole keyspace
+            return
+        self._leftovers_checked = True
+        pattern = keys.requests(f"{self.spec.id}{keys.PARTITION_MARK}*")
+        async for key in self._redis.scan_iter(match=pattern, count=1000, _type="STREAM"):
+            stream = key.decode() if isinstance(key, bytes) else str(key)
+            if stream not in self.streams:
+                self.streams.append(stream)  # read, never published: ``tags`` are what producers use
+                log.warning("model %s: draining %s, a partition of an earlier configuration", self.spec.id, stream)
 
     async def read_loop(self) -> None:
         """Own pending entries first (a restart after a crash), then new ones."""
@@ -146,9 +166,26 @@ class ModelPipeline:
             self._wake.set()  # the batch loop may end now, once it has drained what was read
 
     async def _read(self) -> None:
+        await self.find_leftovers()
         await self.ensure_group()
-        await self._recover_own_pending()
+        partitions = range(len(self.streams))
+        for partition in partitions:
+            await self._recover_own_pending(partition)
+        if self._phase is Phase.RECOVERING:  # not if halted meanwhile
+            self._phase = Phase.READING
+        if len(self.streams) == 1:
+            await self._read_stream(0)
+            return
+        async with asyncio.TaskGroup() as readers:  # one fails: the others are cancelled, it is raised
+            for partition in partitions:
+                readers.create_task(self._read_stream(partition), name=f"read-{self.streams[partition]}")
+
+    async def _read_stream(self, partition: int) -> None:
+        """Read one partition's stream while reading; each of ``n`` readers takes its share of
+        the room for prefetch."""
         consumer = self._settings.consumer
+        stream = self.streams[partition]
+        readers = len(self.streams)
         while self._reading:
             room = self.prefetch_limit - len(self.batcher) - self._inflight_items
             if room <= 0:
@@ -156,44 +193,44 @@ class ModelPipeline:
                 await self._room.wait()
                 continue
             try:
-                entries = await read_group(self._redis, group=keys.GROUP, consumer=consumer, stream=self.stream,
-                                           count=self._read_count(room), block_ms=self._settings.block_ms)
+                entries = await read_group(self._redis, group=keys.GROUP, consumer=consumer, stream=stream,
+                                           count=self._read_count(-(-room // readers)),
+                                           block_ms=self._settings.block_ms)
             except redis.ResponseError as exc:
                 if not _stream_gone(exc):
                     raise
                 await self.ensure_group()  # the stream was deleted under us: start it again
                 continue
             if entries:  # admitted even if reading just stopped: the drain serves them
-                await self.admit(entries, deliveries=1)
+                await self.admit(entries, deliveries=1, partition=partition)
 
-    async def _recover_own_pending(self) -> None:
+    async def _recover_own_pending(self, partition: int) -> None:
         last = "0"
         consumer = self._settings.consumer
         recovered = 0
         while True:
-            entries = await read_group(self._redis, group=keys.GROUP, consumer=consumer, stream=self.stream,
-                                       count=1000, start=last)
+            entries = await read_group(self._redis, group=keys.GROUP, consumer=consumer,
+                                       stream=self.streams[partition], count=1000, start=last)
             if not entries:
                 break
             last = entries[-1][0].decode()
             recovered += len(entries)
-            await self.admit_redelivered(entries)
-        if self._phase is Phase.RECOVERING:  # not if halted meanwhile
-            self._phase = Phase.READING
+            await self.admit_redelivered(entries, partition)
         if recovered:
-            log.info("model %s: recovered %d pending entries of consumer %s", self.spec.id, recovered, consumer)
+            log.info("model %s: recovered %d pending entries of consumer %s from %s", self.spec.id, recovered,
+                     consumer, self.streams[partition])
 
-    async def admit_redelivered(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    async def admit_redelivered(self, entries: list[tuple[bytes, dict[bytes, bytes]]], partition: int = 0) -> None:
         """Admit entries read again (this consumer's own pending ones after a restart, or claimed
         from another consumer), each with the delivery count Redis keeps for it; an entry
         delivered more than ``max_deliveries`` times goes to the dead-letter stream with a
         ``dead_letter`` result instead of running again (an input that kills its manager every
         time must not crash-loop it)."""
         held = set(self.held_entries())  # ours already: read again by a reconnect, never admitted twice
-        entries = [(eid, fields) for eid, fields in entries if eid.decode() not in held]
+        entries = [(eid, fields) for eid, fields in entries if (partition, eid.decode()) not in held]
         if not entries:
             return
-        counts = await self._delivery_counts([eid for eid, _ in entries], len(held))
+        counts = await self._delivery_counts([eid for eid, _ in entries], len(held), partition)
         fresh: dict[int, list[tuple[bytes, dict[bytes, bytes]]]] = {}
         poison: list[tuple[bytes, dict[bytes, bytes], int]] = []
         for entry_id, fields in entries:
@@ -203,19 +240,19 @@ class ModelPipeline:
             else:
                 fresh.setdefault(count, []).append((entry_id, fields))
         for count, group in fresh.items():
-            await self.admit(group, deliveries=count)
+            await self.admit(group, deliveries=count, partition=partition)
         if poison:
-            await self._dead_letter_poison(poison)
+            await self._dead_letter_poison(poison, partition)
 
-    async def _delivery_counts(self, ids: list[bytes], held: int) -> dict[bytes, int]:
+    async def _delivery_counts(self, ids: list[bytes], held: int, partition: int) -> dict[bytes, int]:
         """Redis's delivery count of each of ``ids`` (pending for this consumer)."""
         rows: Any = await self._redis.xpending_range(
-            self.stream, keys.GROUP, min=ids[0], max=ids[-1], count=len(ids) + held + 16,
+            self.streams[partition], keys.GROUP, min=ids[0], max=ids[-1], count=len(ids) + held + 16,
             consumername=self._settings.consumer,
         )
         return {row["message_id"]: int(row["times_delivered"]) for row in rows}
 
-    async def _dead_letter_poison(self, poison: list[tuple[bytes, dict[bytes, bytes], int]]) -> None:
+    async def _dead_letter_poison(self, poison: list[tuple[bytes, dict[bytes, bytes], int]], partition: int) -> None:
         """Answer ``dead_letter`` (result first: an entry is acked only once its answer is written),
         then move the entries to the dead-letter stream."""
         model, limit = self.spec.id, self._settings.max_deliveries
@@ -226,13 +263,14 @@ class ModelPipeline:
             except BadEntry:
                 continue  # the dead-letter stream keeps it; there is nobody to answer
             request.deliveries = count
+            request.partition = partition
             finished.append(error(model, request, ErrorCode.DEAD_LETTER,
                                   f"delivered {count} times without completing (limit {limit}); "
                                   f"moved to {keys.dead_letters(model)}"))
         if finished:
             await self.writer.write(finished)
         await self.writer.dead_letter([(eid, fields, f"delivered {count} times") for eid, fields, count in poison],
-                                      ErrorCode.DEAD_LETTER)
+                                      ErrorCode.DEAD_LETTER, partition)
         self.metrics.dead_letters.labels(model).inc(len(poison))
         self.dead_lettered += len(poison)
 
@@ -242,11 +280,13 @@ class ModelPipeline:
             return room
         return max(1, min(room, int(READ_BYTES // self._entry_bytes)))
 
-    async def admit(self, entries: list[tuple[bytes, dict[bytes, bytes]]], *, deliveries: int) -> None:
-        """Parse entries: good ones go to the batcher, bad ones get their error result now."""
+    async def admit(self, entries: list[tuple[bytes, dict[bytes, bytes]]], *, deliveries: int,
+                    partition: int = 0) -> None:
+        """Parse entries of one partition's stream: good ones go to the batcher, bad ones get
+        their error result now."""
         if deliveries > 1:  # re-read (recovery after a reconnect, a reclaim): skip what is held already
             held = set(self.held_entries())
-            entries = [(eid, fields) for eid, fields in entries if eid.decode() not in held]
+            entries = [(eid, fields) for eid, fields in entries if (partition, eid.decode()) not in held]
         now = now_ms()
         finished: list[Finished] = []
         dead: list[tuple[bytes, dict[bytes, bytes], str]] = []
@@ -262,11 +302,12 @@ class ModelPipeline:
                     dead.append((entry_id, fields, str(exc)))
                     continue
                 request = Request(id=exc.request_id, ct=exc.ct, payload=b"", reply=exc.reply,
-                                  ttl_s=exc.ttl_s, entry_id=entry_id.decode(), read_ms=now)
+                                  ttl_s=exc.ttl_s, entry_id=entry_id.decode(), read_ms=now, partition=partition)
                 finished.append(error(model, request, exc.code, str(exc)))
                 continue
             request.read_ms = now
             request.deliveries = deliveries
+            request.partition = partition
             self._entry_bytes += 0.1 * (len(request.payload) - self._entry_bytes)
             limit = min(self._settings.max_payload_bytes, self._settings.max_batch_bytes)
             if request.method is not None and request.method not in self.spec.methods:
@@ -283,7 +324,7 @@ class ModelPipeline:
             else:
                 self.batcher.add(request)
         if dead:
-            await self.writer.dead_letter(dead, ErrorCode.BAD_REQUEST)
+            await self.writer.dead_letter(dead, ErrorCode.BAD_REQUEST, partition)
         if finished:
             await self.writer.write(finished)
             self._answered_alone(finished)

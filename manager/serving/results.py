@@ -126,22 +126,23 @@ class ResultWriter:
     """Writes the results of one model's requests and acknowledges their entries."""
 
     def __init__(self, client: redis.asyncio.Redis, *, model: str, consumer: str, reply_maxlen: int,
-                 link: RedisLink, dead_letter_ttl_s: int | None = None, stream: str | None = None,
+                 link: RedisLink, dead_letter_ttl_s: int | None = None, streams: list[str] | None = None,
                  reply_inline_bytes: int = 4096) -> None:
         self._redis = client
         self._model = model
         self._consumer = consumer.encode()
         self._dead_letter_ttl_s = dead_letter_ttl_s  # None: the dead-letter stream keeps no TTL
-        self._stream = stream or keys.requests(model)
+        # the model's request streams by partition (a pipeline's own list: it may grow)
+        self._streams = streams if streams is not None else [keys.requests(model)]
         self._reply_maxlen = reply_maxlen
         self._reply_inline_bytes = reply_inline_bytes
         self._link = link  # a write is idempotent (SET NX, XACK, XDEL): retried once Redis is back
 
-    async def write(self, finished: list[Finished], extra_acks: list[str] | None = None) -> None:
-        """Write every result, then ack and delete the entries (and ``extra_acks``): one round
-        trip (``manager.resp``). The envelope goes to Redis once, to its result key; the
-        reply-stream notice carries it too only when it is small (``reply_inline_bytes``)."""
-        if not finished and not extra_acks:
+    async def write(self, finished: list[Finished]) -> None:
+        """Write every result, then ack and delete the entries: one round trip
+        (``manager.resp``). The envelope goes to Redis once, to its result key; the reply-stream
+        notice carries it too only when it is small (``reply_inline_bytes``)."""
+        if not finished:
             return
         commands = Commands()
         replies: dict[str, int] = {}
@@ -164,20 +165,25 @@ class ResultWriter:
                 replies[stream] = ttl
         for stream, ttl in replies.items():
             commands.add(b"EXPIRE", stream, ttl)
-        ack_ids = [item.request.entry_id for item in finished if item.request.entry_id]
-        ack_ids.extend(extra_acks or ())
-        if ack_ids:
-            commands.add(b"XACK", self._stream, keys.GROUP, *ack_ids)
-            commands.add(b"XDEL", self._stream, *ack_ids)
+        acks: dict[int, list[str]] = {}
+        for item in finished:
+            if item.request.entry_id:
+                acks.setdefault(item.request.partition, []).append(item.request.entry_id)
+        for partition, ack_ids in acks.items():
+            stream = self._streams[partition]
+            commands.add(b"XACK", stream, keys.GROUP, *ack_ids)
+            commands.add(b"XDEL", stream, *ack_ids)
         answers = await retrying(lambda: commands.send(self._redis),
                                  f"writing {len(finished)} result(s) of model {clip(self._model)}", self._link)
         for answer in answers:
             if isinstance(answer, redis.ResponseError):
                 raise answer
 
-    async def dead_letter(self, entries: list[tuple[bytes, dict[bytes, bytes], str]], code: ErrorCode) -> None:
-        """Move entries (id, fields, reason) to the model's dead-letter stream with their reason,
-        then ack and delete them. An entry without fields (deleted while pending) is only acked."""
+    async def dead_letter(self, entries: list[tuple[bytes, dict[bytes, bytes], str]], code: ErrorCode,
+                          partition: int = 0) -> None:
+        """Move entries (id, fields, reason) of one partition's stream to the model's dead-letter
+        stream (one a model) with their reason, then ack and delete them. An entry without
+        fields (deleted while pending) is only acked."""
         if not entries:
             return
         pipe = self._redis.pipeline(transaction=False)
@@ -195,6 +201,7 @@ class ResultWriter:
                 log.warning("model %s: entry %s dead-lettered: %s", clip(self._model), entry_id.decode(), reason)
         if moved and self._dead_letter_ttl_s is not None:
             pipe.expire(letters, self._dead_letter_ttl_s)
-        pipe.xack(self._stream, keys.GROUP, *ids)
-        pipe.xdel(self._stream, *ids)
+        stream = self._streams[partition]
+        pipe.xack(stream, keys.GROUP, *ids)
+        pipe.xdel(stream, *ids)
         await retrying(pipe.execute, f"dead-lettering {len(ids)} entries of model {clip(self._model)}", self._link)

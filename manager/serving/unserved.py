@@ -64,12 +64,12 @@ class UnknownModels:
             match = _MODEL_OF.match(key)
             if match is None:
                 continue
-            model = match.group(1).decode("utf-8", "replace")
+            model = keys.model_of_tag(match.group(1).decode("utf-8", "replace"))  # a partition's too
             if model in self._served:
                 continue
             if served_elsewhere is None:  # models other live managers serve (their heartbeats)
                 served_elsewhere = await self._redis.hgetall(keys.registry_served())  # type: ignore[misc]
-            expires = served_elsewhere.get(match.group(1))
+            expires = served_elsewhere.get(model.encode())
             if expires is None or int(expires) < now_ms():
                 answered += await self._answer(key, model)
         self.answered += answered
@@ -86,7 +86,7 @@ class UnknownModels:
         writer = ResultWriter(self._redis, model=model, consumer=self._settings.consumer,
                               reply_maxlen=self._settings.reply_maxlen, link=self._link,
                               reply_inline_bytes=self._settings.reply_inline_bytes,
-                              dead_letter_ttl_s=DEAD_LETTER_TTL_S, stream=stream.decode("utf-8", "replace"))
+                              dead_letter_ttl_s=DEAD_LETTER_TTL_S, streams=[stream.decode("utf-8", "replace")])
         if label == model:
             served = ", ".join(sorted(self._served)) or "none"
             message = f"model {model!r} is not served here; served models: {served}"

@@ -25,6 +25,9 @@ from nosq.producer.enqueue import (
     ENQUEUE_CHUNK_BYTES,
     ENQUEUE_LUA,
     ENQUEUE_MANY_LUA,
+    Call,
+    Shaper,
+    enqueue_command,
     next_entry_id,
     plan_calls,
     read_notices,
@@ -131,16 +134,51 @@ async def test_a_script_call_is_bounded(settings: RedisSettings, manager: FakeMa
         assert await p.gather(handles, timeout_s=5) == list(range(100))
 
 
+def _runs(calls: list[Call]) -> list[tuple[int, int]]:
+    assert all(isinstance(call.indices, range) and call.tag == "m" for call in calls)
+    return [(call.indices[0], call.indices[-1] + 1) for call in calls]
+
+
 def test_plan_calls_bounds_count_and_bytes() -> None:
     small = [x for i in range(2 * ENQUEUE_CHUNK + 5) for x in (str(i), b"p", b"")]
-    assert plan_calls(small) == [(0, ENQUEUE_CHUNK), (ENQUEUE_CHUNK, 2 * ENQUEUE_CHUNK),
-                                 (2 * ENQUEUE_CHUNK, 2 * ENQUEUE_CHUNK + 5)]
+    assert _runs(plan_calls(small, ["m"])) == [(0, ENQUEUE_CHUNK), (ENQUEUE_CHUNK, 2 * ENQUEUE_CHUNK),
+                                               (2 * ENQUEUE_CHUNK, 2 * ENQUEUE_CHUNK + 5)]
     third = b"x" * (ENQUEUE_CHUNK_BYTES // 3 + 1)
     big = [x for i in range(5) for x in (str(i), third, b"")]
-    assert plan_calls(big) == [(0, 2), (2, 4), (4, 5)]
+    assert _runs(plan_calls(big, ["m"])) == [(0, 2), (2, 4), (4, 5)]
     huge = [x for i in range(2) for x in (str(i), b"x" * (ENQUEUE_CHUNK_BYTES + 1), b"")]
-    assert plan_calls(huge) == [(0, 1), (1, 2)]  # a request larger than the bound goes alone
-    assert plan_calls([]) == []
+    assert _runs(plan_calls(huge, ["m"])) == [(0, 1), (1, 2)]  # a request larger than the bound goes alone
+    assert plan_calls([], ["m"]) == []
+
+
+def test_plan_calls_spread_requests_over_partitions_by_id() -> None:
+    tags = keys.partition_tags("m", 3)
+    body = [x for i in range(3000) for x in (f"id{i}", b"p", b"")]
+    calls = plan_calls(body, tags)
+    seen = sorted(i for call in calls for i in call.indices)
+    assert seen == list(range(3000))  # every request in exactly one call
+    for call in calls:
+        assert len(call.indices) <= ENQUEUE_CHUNK
+        assert list(call.indices) == sorted(call.indices)  # in submit order within a partition
+        assert {tags[keys.partition_of(body[3 * i], 3)] for i in call.indices} == {call.tag}
+    per_tag = {tag: sum(len(c.indices) for c in calls if c.tag == tag) for tag in tags}
+    assert min(per_tag.values()) > 800  # an even spread of 3000 random ids: ~1000 each
+    command = enqueue_command(Shaper("msgpack", None).head("m", None, None, 1), body, calls[0])
+    assert command[3:5] == (keys.requests(calls[0].tag), keys.admission(calls[0].tag))
+
+
+def test_partition_tags_land_on_distinct_thirds_of_the_slot_range() -> None:
+    from redis.crc import key_slot
+    for model in ("mlp", "cnn", "a", "embed-1"):
+        tags = keys.partition_tags(model, 3)
+        assert tags[0] == model and len(set(tags)) == 3
+        assert len({key_slot(t.encode()) * 3 // 16384 for t in tags}) == 3
+        assert keys.published_tags(model, " ".join(tags).encode()) == tags
+    assert keys.partition_tags("mlp", 1) == ["mlp"]
+    assert keys.published_tags("mlp", None) == ["mlp"]
+    assert keys.published_tags("mlp", b"other other~1") == ["mlp"]  # not this model's: ignored
+    assert keys.partition_of("abc", 1) == 0
+    assert keys.model_of_tag("mlp~7") == "mlp"
 
 
 # -- QueueFull per request -----------------------------------------------------------------------

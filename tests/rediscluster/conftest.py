@@ -1,5 +1,5 @@
 """Fixtures of the Redis Cluster tier: a 6-node cluster per module (``redisnodes``), the repo on
-the managers' path (their Ray workers import ``nosq``), a serve config with the echo model."""
+the managers' path (their Ray workers import ``nosq``), a serve config with the echo model, once as is and once on 3 partitions (``hot``)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def repo_on_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def serve_config(tmp_path: Path) -> Path:
     path = tmp_path / "serve.toml"
-    path.write_text('[[models]]\nid = "noop"\nfactory = "nosq.workers.demo:noop"\ndevice = "cpu"\n'
-                    'max_batch = 64\nnum_cpus = 0.25\nthreads = 1\n', encoding="utf-8")
+    model = 'factory = "nosq.workers.demo:noop"\ndevice = "cpu"\nmax_batch = 64\nnum_cpus = 0.25\nthreads = 1\n'
+    path.write_text(f'[[models]]\nid = "noop"\n{model}\n[[models]]\nid = "hot"\npartitions = 3\n{model}',
+                    encoding="utf-8")
     return path

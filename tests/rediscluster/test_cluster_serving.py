@@ -1,11 +1,15 @@
 """nosq on a real Redis Cluster (3 masters, 3 replicas): the registry's scripts, and a real
-manager (``nosq serve``, its own Ray) answering sync and async producers, each id once."""
+manager (``nosq serve``, its own Ray) answering sync and async producers, each id once, a model
+on 3 partitions (one per master), its metrics and ``nosq status`` read from the cluster."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ from tests.procs import reap_ray_of
 from tests.rediscluster.redisnodes import RedisNodes
 
 BASE_PORT = 7100
+METRICS_PORT = 9197
 NODE, GPU = "n1", "cuda:0"
 
 
@@ -80,7 +85,8 @@ def test_manager_answers_sync_and_async_producers_once(nodes: RedisNodes, serve_
         finally:
             admin.close()
         manager = start_manager(settings, "--config", str(serve_config), "--log-level", "warning",
-                                "--min-idle-ms", "1000", consumer="rc-e2e", log=log)
+                                "--min-idle-ms", "1000", "--metrics-port", str(METRICS_PORT), consumer="rc-e2e",
+                                log=log)
         try:
             ghost_out = [producer.outcome(h, timeout_s=60) for h in ghost_handles]
             inputs = [rng.standard_normal(4, dtype=np.float32) for _ in range(600)]
@@ -96,8 +102,13 @@ def test_manager_answers_sync_and_async_producers_once(nodes: RedisNodes, serve_
                     return {h.id: (float(out[0]), True) for h, out in zip(hs, outs, strict=True)}
 
             async_out = asyncio.run(submit_async())
+            hot_handles = producer.submit_many("hot", inputs)  # 3 partitions, on 3 masters
+            hot_out = [producer.outcome(h, timeout_s=60) for h in hot_handles]
+            with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as reply:
+                metrics = reply.read().decode()
             status = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", settings.url,
-                                     "status", "--once"], check=False, capture_output=True, text=True, timeout=60)
+                                     "status", "--once", "--json"], check=False, capture_output=True, text=True,
+                                    timeout=60)
             models = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", settings.url,
                                      "models"], check=False, capture_output=True, text=True, timeout=60)
         finally:
@@ -120,8 +131,24 @@ def test_manager_answers_sync_and_async_producers_once(nodes: RedisNodes, serve_
         assert client.xpending(keys.requests("noop"), keys.GROUP)["pending"] == 0
     finally:
         client.close()
+    assert [np.asarray(e.out).tolist() for e in hot_out] == [x.tolist() for x in inputs]
+    tags = keys.partition_tags("hot", 3)
+    owners = {tag: nodes.master_of(keys.requests(tag)) for tag in tags}
+    assert len(set(owners.values())) == 3, owners  # one partition on each master
+    client = settings.client()
+    try:
+        added = {tag: int(client.xinfo_stream(keys.requests(tag))["entries-added"]) for tag in tags}
+        assert client.hget(keys.admission("hot"), "tags") == " ".join(tags).encode()
+    finally:
+        client.close()
+    assert added == dict(Counter(tags[keys.partition_of(h.id, 3)] for h in hot_handles)), added
+    assert 'nosq_requests_total{model="hot",outcome="ok"} 600.0' in metrics, metrics[:2000]
+    assert 'nosq_requests_total{model="noop",outcome="ok"} 1300.0' in metrics
+    assert 'nosq_backlog{model="hot"} 0.0' in metrics
     assert status.returncode == 0, status.stderr
     assert "rc-e2e" in status.stdout, status.stdout
+    rows = {row["model"]: row for row in json.loads(status.stdout)["models"]}
+    assert rows["hot"]["partitions"] == 3 and rows["hot"]["backlog"] == 0, rows
     assert models.returncode == 0 and "MODEL" in models.stdout, (models.stdout, models.stderr)
 
 
