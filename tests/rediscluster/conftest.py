@@ -1,5 +1,6 @@
 """Fixtures of the Redis Cluster tier: a 6-node cluster per module (``redisnodes``), the repo on
-the managers' path (their Ray workers import ``nosq``), a serve config with the echo model, once as is and once on 3 partitions (``hot``)."""
+the managers' path (their Ray workers import ``nosq``), a serve config with the echo model, once
+as is and once on 3 partitions (``hot``)."""
 
 from __future__ import annotations
 
