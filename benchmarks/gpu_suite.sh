@@ -2,7 +2,7 @@
 # The GPU runs of issues 5, 7 and 8 in one device call, on a machine with torch but no ray,
 # redis-py or redis-server: wheels from .whl/ (py3.12) and Redis from .debs/ are unpacked under
 # /tmp. Usage (repository root): bash benchmarks/gpu_suite.sh OUTDIR [packing] [scaling] [ceiling]
-# [peers] [peers-serve] [overlap] [datapath] [cost] [embeddings]. The figures in docs/benchmarks.md came from one device call per group
+# [peers] [peers-serve] [overlap] [datapath] [cost] [embeddings] [cluster-noop48k] [cluster-cnn]. The figures in docs/benchmarks.md came from one device call per group
 # (packing scaling ceiling; peers; peers-serve), each well inside 10 minutes.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUTDIR [steps...]}; shift
@@ -57,6 +57,12 @@ for step in $steps; do
         # the request path's own ceiling on this machine (no model work): noop, 1 and 2 managers
         ceiling) python3 -m benchmarks.scaling --device cpu --model noop --layouts 1x1,2x1 --producers 6 \
                      --seconds 10 --redis-server "$redis" --out "$out/scaling_noop_gpuhost.json" ;;
+        # the queue past one Redis (issue 18): plain Redis beside a 3-master cluster (3 replicas), the
+        # model on 1 and 3 partitions, 3 managers; the cluster's redis-server and redis-cli come from .debs
+        cluster-*) case=${step#cluster-}
+                   PATH=/tmp/redisroot/usr/bin:$PATH python3 -m benchmarks.cluster --device cuda --cases "$case" \
+                       --managers 3 --producers 6 --seconds 6 --redis-server "$redis" \
+                       --out "$out/cluster_${case}_cuda.json" ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac 2>&1 | tee "$out/$step.log"
     echo "== $step: exit ${PIPESTATUS[0]} in $(( $(date +%s) - started )) s"

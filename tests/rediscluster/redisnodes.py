@@ -83,12 +83,13 @@ def _wait_ok(port: int, timeout_s: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def redis_cluster(base_port: int = BASE_PORT) -> Iterator[RedisNodes]:
-    """Six nodes on ``base_port`` .. ``base_port + 5``: 3 masters, 3 replicas."""
+def redis_cluster(base_port: int = BASE_PORT, replicas: int = 1) -> Iterator[RedisNodes]:
+    """Six nodes on ``base_port`` .. ``base_port + 5``: 3 masters, 3 replicas (``replicas``
+    per master: 0 gives three masters alone, as a benchmark may want)."""
     for tool in ("redis-server", "redis-cli"):
         if shutil.which(tool) is None:
             raise AssertionError(f"{tool} is not on PATH: install Redis 7 (apt-get install redis-server)")
-    nodes = RedisNodes(ports=[base_port + i for i in range(6)], directory=Path(tempfile.mkdtemp(prefix="nosq-rc-")))
+    nodes = RedisNodes(ports=[base_port + i for i in range(3 * (1 + replicas))], directory=Path(tempfile.mkdtemp(prefix="nosq-rc-")))
     try:
         for port in nodes.ports:
             node_dir = nodes.directory / str(port)
@@ -101,7 +102,7 @@ def redis_cluster(base_port: int = BASE_PORT) -> Iterator[RedisNodes]:
         for port in nodes.ports:
             _wait_ping(port)
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in nodes.ports),
-                        "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+                        "--cluster-replicas", str(replicas), "--cluster-yes"], check=True, capture_output=True, timeout=60)
         for port in nodes.ports:
             _wait_ok(port)
         yield nodes
