@@ -176,9 +176,18 @@ class ModelPipeline:
         if len(self.streams) == 1:
             await self._read_stream(0)
             return
-        async with asyncio.TaskGroup() as readers:  # one fails: the others are cancelled, it is raised
-            for partition in partitions:
-                readers.create_task(self._read_stream(partition), name=f"read-{self.streams[partition]}")
+        # one reader a partition; the first to fail stops the others and its error is raised as
+        # it is (not in an ExceptionGroup: the caller retries Redis errors by their type)
+        readers = [asyncio.create_task(self._read_stream(p), name=f"read-{self.streams[p]}") for p in partitions]
+        try:
+            done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        for reader in done:
+            if not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
 
     async def _read_stream(self, partition: int) -> None:
         """Read one partition's stream while reading; each of ``n`` readers takes its share of
