@@ -51,6 +51,14 @@ def nosq(*args: str) -> subprocess.CompletedProcess[str]:
                            "models", *args], capture_output=True, text=True, timeout=300, check=False)
 
 
+def _replicas(model: str) -> int:
+    """The replica count the manager's heartbeat reports now (``nosq status``)."""
+    shown = subprocess.run([sys.executable, "-m", "nosq.manager.ops.cli", "--redis-url", URL, "status", "--json"],
+                           capture_output=True, text=True, timeout=60, check=True)
+    rows = {row["model"]: row for row in json.loads(shown.stdout)["models"]}
+    return int(rows[model]["replicas"])
+
+
 @pytest.mark.integration
 @pytest.mark.ray
 @pytest.mark.slow
@@ -66,6 +74,10 @@ def test_load_scale_profile_unload_through_arq(manager: None) -> None:
     with Producer(RedisSettings(url=URL)) as producer:  # served by the two replicas
         handles = producer.submit_many("mlp", [[0.5] * 512 for _ in range(64)])
         assert len(producer.gather(handles, timeout_s=60)) == 64
+    assert json.loads(nosq("scale", "mlp", "1").stdout)["replicas"] == 1
+    again = nosq("scale", "mlp", "2")  # the same request as before, within its result's lifetime: it runs again
+    assert again.returncode == 0, again.stderr
+    assert _replicas("mlp") == 2
 
     profiled = nosq("profile", "mlp")
     assert profiled.returncode == 0, profiled.stderr
