@@ -89,7 +89,8 @@ def redis_cluster(base_port: int = BASE_PORT, replicas: int = 1) -> Iterator[Red
     for tool in ("redis-server", "redis-cli"):
         if shutil.which(tool) is None:
             raise AssertionError(f"{tool} is not on PATH: install Redis 7 (apt-get install redis-server)")
-    nodes = RedisNodes(ports=[base_port + i for i in range(3 * (1 + replicas))], directory=Path(tempfile.mkdtemp(prefix="nosq-rc-")))
+    nodes = RedisNodes(ports=[base_port + i for i in range(3 * (1 + replicas))],
+                       directory=Path(tempfile.mkdtemp(prefix="nosq-rc-")))
     try:
         for port in nodes.ports:
             node_dir = nodes.directory / str(port)
@@ -102,7 +103,8 @@ def redis_cluster(base_port: int = BASE_PORT, replicas: int = 1) -> Iterator[Red
         for port in nodes.ports:
             _wait_ping(port)
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in nodes.ports),
-                        "--cluster-replicas", str(replicas), "--cluster-yes"], check=True, capture_output=True, timeout=60)
+                        "--cluster-replicas", str(replicas), "--cluster-yes"], check=True, capture_output=True,
+                       timeout=60)
         for port in nodes.ports:
             _wait_ok(port)
         yield nodes
