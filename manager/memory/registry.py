@@ -70,21 +70,28 @@ Keys (each from its ``nosq.producer.keys.registry_*`` helper)::
                                               device, policy, need, victims, candidates), the
                                               last ~EVICTIONS_KEPT; ``evictions()`` reads it
 
-The scripts find a victim's hash and a model's device keys from these prefixes, i.e. keys not
-passed in ``KEYS``: fine on a single Redis, not on Redis Cluster.
+Every key a script touches is passed in its ``KEYS``, and they all share the ``{registry}`` hash
+tag, so each script is one slot and runs on Redis Cluster too. Where a script's keys follow from
+data (a device's resident models, a model's node and device), the caller reads that data first and
+the script checks it is unchanged, or replies "retry" having written nothing (see "Lua" below).
+The one key outside ``{registry}``, a manager's heartbeat, ``reap_dead_owners`` re-checks inside
+its script on a single Redis only: on a cluster it is another slot, checked just before instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
+import random
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 from redis.commands.core import AsyncScript
 
 from nosq.manager.memory import eviction
@@ -121,6 +128,7 @@ _MODEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$", re.ASCII)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$", re.ASCII)
 _COUNTED = frozenset({ModelState.LOADING, ModelState.READY, ModelState.DRAINING})
 _STATES = frozenset(state.value for state in ModelState)
+_COUNTED_VALUES = frozenset(state.value for state in _COUNTED)
 
 
 class RegistryError(NosqError):
@@ -218,8 +226,27 @@ class DeviceAudit:
 
 
 # -- Lua ----------------------------------------------------------------------------------------
+#
+# Every key a script touches is one of its ``KEYS`` (Redis's rule: Redis Cluster routes a script by
+# the keys it declares), and every one is a ``keys.registry_*`` key (hash tag ``{registry}``: one
+# slot). Inside the scripts a key is only ever ``KEYS[i]``; tables map ids to those indexes.
+#
+# Some scripts need keys that follow from data: the hashes of a set's members (a device's resident
+# models, every model) or a model's device keys (its ``node``/``device`` fields). For those the
+# caller reads first (``SMEMBERS``, ``HMGET``), passes the keys that follow from what it read in
+# ``KEYS`` and what it read in ``ARGV``; the script checks that what it reads now is what was
+# passed (same members, same node and device) before it reads any such key, and otherwise replies
+# ``RETRY`` having written nothing; the caller reads again (``_optimistic``). A version counter
+# (one ``{registry}`` key every membership change INCRs) would work too, but it would make every
+# change on any device retry every other device's scripts, put a write in the read-only audit's
+# path, and still need the members read to build ``KEYS``; comparing the very members and fields a
+# script depends on retries only when those changed, and adds no key.
+
+_RETRY = "?retry"  # a script's reply when its KEYS are not the keys it needs now; no model id has '?'
+_TRIES = 20        # optimistic attempts (read, then script) before ``RegistryError``
 
 _LUA_COMMON = """
+local RETRY = 'RETRY_MARK'
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -227,27 +254,40 @@ end
 local function int(n) return string.format('%d', n) end
 local function num(v) return tonumber(v) or 0 end
 local COUNTED = {loading = true, ready = true, draining = true}
--- return a counted model's bytes to its device; final is 'evicted' or 'failed'
-local function release(model, final, mprefix, dprefix, rprefix, channel, err)
-  local mkey = mprefix .. model
-  local f = redis.call('HMGET', mkey, 'state', 'node', 'device', 'bytes')
+-- the members of the set KEYS[k], or nil unless they are exactly the n ids of `at` (what the
+-- caller read; `at` maps each to the KEYS index of its key): the set changed since then
+local function members_as_read(k, at, n)
+  local members = redis.call('SMEMBERS', KEYS[k])
+  if #members ~= n then return nil end
+  for _, m in ipairs(members) do
+    if not at[m] then return nil end
+  end
+  return members
+end
+-- return a counted model's bytes to its device; final is 'evicted' or 'failed'. mk, dk, rk: the
+-- KEYS indexes of the model's hash, its device's hash and resident set (the caller checked that
+-- they are the keys of the model's node and device)
+local function release(model, mk, dk, rk, final, channel, err)
+  local f = redis.call('HMGET', KEYS[mk], 'state', 'bytes')
   if not COUNTED[f[1]] then return false end
-  local label = f[2] .. '/' .. f[3]
   local now = int(now_ms())
-  redis.call('HINCRBY', dprefix .. label, 'used_bytes', int(-num(f[4])))
-  redis.call('SREM', rprefix .. label, model)
-  redis.call('HSET', mkey, 'state', final, 'inflight', '0', 'released_at', now)
-  if err ~= '' then redis.call('HSET', mkey, 'last_error', err, 'error_at', now) end
+  redis.call('HINCRBY', KEYS[dk], 'used_bytes', int(-num(f[2])))
+  redis.call('SREM', KEYS[rk], model)
+  redis.call('HSET', KEYS[mk], 'state', final, 'inflight', '0', 'released_at', now)
+  if err ~= '' then redis.call('HSET', KEYS[mk], 'last_error', err, 'error_at', now) end
   redis.call('PUBLISH', channel, final .. ' ' .. model)
   return true
 end
-"""
+""".replace("RETRY_MARK", _RETRY)
 
-# KEYS: model hash, device hash, resident set, models set, evictions stream
-# ARGV: model, node, device, nbytes, owner, policy, model prefix, channel
+# KEYS: model hash, device hash, resident set, models set, evictions stream, then the hash of each
+#       member of the resident set as the caller read it (in ARGV's order)
+# ARGV: model, node, device, nbytes, owner, policy, channel, then the resident set's members as read
+# Replies RETRY, having written nothing, when it must choose victims and the resident set is no
+# longer what the caller read.
 _RESERVE = _LUA_COMMON + LUA_CHOOSE_VICTIMS + """
 local model, node, device, owner, policy = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]
-local nbytes, prefix, channel = tonumber(ARGV[4]), ARGV[7], ARGV[8]
+local nbytes, channel = tonumber(ARGV[4]), ARGV[7]
 
 local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'node', 'device')
 if cur[1] == 'loading' or cur[1] == 'ready' then
@@ -273,9 +313,13 @@ if used + nbytes <= budget then
 end
 
 -- does not fit: what is draining frees soon; choose victims among the rest (manager/memory/eviction.py)
+local at, n = {}, #ARGV - 7  -- resident model -> KEYS index of its hash
+for i = 8, #ARGV do at[ARGV[i]] = i - 2 end
+local members = members_as_read(3, at, n)
+if not members then return {RETRY} end
 local draining, cands = 0, {}
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  local f = redis.call('HMGET', prefix .. m, 'state', 'bytes', 'loaded_at', 'last_used', 'uses',
+for _, m in ipairs(members) do
+  local f = redis.call('HMGET', KEYS[at[m]], 'state', 'bytes', 'loaded_at', 'last_used', 'uses',
                        'inflight', 'backlog', 'load_ms', 'owner')
   local c = {id = m, state = f[1], bytes = num(f[2]), loaded_at = num(f[3]), last_used = num(f[4]),
              uses = num(f[5]), inflight = num(f[6]), backlog = num(f[7]), reload_ms = num(f[8]),
@@ -291,7 +335,7 @@ if not victims then return {'wait', 'busy'} end
 local now = int(clock)
 local out, chosen, seen = {'evict'}, {}, {}
 for _, c in ipairs(victims) do
-  redis.call('HSET', prefix .. c.id, 'state', 'draining', 'draining_at', now, 'evicted_for', model)
+  redis.call('HSET', KEYS[at[c.id]], 'state', 'draining', 'draining_at', now, 'evicted_for', model)
   redis.call('PUBLISH', channel, 'draining ' .. c.id)
   out[#out + 1] = c.id
   out[#out + 1] = c.owner
@@ -342,23 +386,48 @@ redis.call('HINCRBY', KEYS[1], 'uses', ARGV[1])
 return 1
 """
 
-# KEYS: model hash.  ARGV: model, owner, final state, model/device/resident prefixes, channel, error
+# KEYS: model hash, then its device hash and resident set: those of the node and device the caller
+#       read in the model hash (none when it read none)
+# ARGV: model, owner, final state, channel, error, node, device (as read)
+# Replies {1} released, {0} not ours or not counted, RETRY (nothing written) when the model's node
+# or device is not what the caller read.
 _RELEASE = _LUA_COMMON + """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
-if release(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]) then return 1 end
-return 0
+local f = redis.call('HMGET', KEYS[1], 'owner', 'state', 'node', 'device')
+if f[1] ~= ARGV[2] or not COUNTED[f[2]] then return {0} end
+if not KEYS[3] or f[3] ~= ARGV[6] or f[4] ~= ARGV[7] then return {RETRY} end
+release(ARGV[1], 1, 2, 3, ARGV[3], ARGV[4], ARGV[5])
+return {1}
 """
 
-# KEYS: models set, then optionally the owner's heartbeat key (release only if it is gone)
-# ARGV: owner, model/device/resident prefixes, channel, error
+# KEYS: models set, the hash of each model the caller read in it (in ARGV's order), the device hash
+#       and resident set of each label the caller read among the owner's counted models (in ARGV's
+#       order), then optionally the owner's heartbeat key (release only if it is gone)
+# ARGV: owner, channel, error, n, the n models as read, then the labels ('<node>/<device>') as read
+# Replies the models released, or RETRY (nothing written) when the models set is not what the
+# caller read or one of the owner's counted models is on a device whose keys were not passed.
 _RELEASE_OWNER = _LUA_COMMON + """
-if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then return {} end
-local out = {}
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('HGET', ARGV[2] .. m, 'owner') == ARGV[1]
-     and release(m, 'evicted', ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]) then
-    out[#out + 1] = m
+local owner, channel, err, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local labels = #ARGV - 4 - n
+local heartbeat = 2 + n + 2 * labels
+if KEYS[heartbeat] and redis.call('EXISTS', KEYS[heartbeat]) == 1 then return {} end
+local at, where = {}, {}  -- model -> KEYS index of its hash; label -> of its device hash (+1: resident set)
+for i = 1, n do at[ARGV[4 + i]] = 1 + i end
+for j = 1, labels do where[ARGV[4 + n + j]] = n + 2 * j end
+local members = members_as_read(1, at, n)
+if not members then return {RETRY} end
+-- every key checked before the first write: a retry leaves everything as it was
+local mine = {}
+for _, m in ipairs(members) do
+  local f = redis.call('HMGET', KEYS[at[m]], 'owner', 'state', 'node', 'device')
+  if f[1] == owner and COUNTED[f[2]] then
+    local d = where[tostring(f[3]) .. '/' .. tostring(f[4])]
+    if not d then return {RETRY} end
+    mine[#mine + 1] = {m, d}
   end
+end
+local out = {}
+for _, c in ipairs(mine) do
+  if release(c[1], at[c[1]], c[2], c[2] + 1, 'evicted', channel, err) then out[#out + 1] = c[1] end
 end
 return out
 """
@@ -369,18 +438,20 @@ redis.call('HSET', KEYS[1], 'last_error', ARGV[1], 'error_at', int(now_ms()))
 return 1
 """
 
-# KEYS: model hash.  ARGV: owner, replicas, device prefix
-# a READY model of ``owner`` counts bytes/replicas per replica; growing must fit the device's budget
+# KEYS: model hash, then the device hash of the node and device the caller read in it (none if none)
+# ARGV: owner, replicas, node, device (as read)
+# a READY model of ``owner`` counts bytes/replicas per replica; growing must fit the device's budget.
+# Replies RETRY (nothing written) when the model's node or device is not what the caller read.
 _RESIZE = _LUA_COMMON + """
 local f = redis.call('HMGET', KEYS[1], 'state', 'owner', 'node', 'device', 'bytes', 'replicas')
 if f[1] ~= 'ready' or f[2] ~= ARGV[1] then return {'not_ready', f[1] or 'absent', f[2] or ''} end
+if not KEYS[2] or f[3] ~= ARGV[3] or f[4] ~= ARGV[4] then return {RETRY} end
 local old, n = num(f[5]), tonumber(ARGV[2])
 local new = math.floor(old / math.max(1, num(f[6]))) * n
-local dkey = ARGV[3] .. f[3] .. '/' .. f[4]
-local d = redis.call('HMGET', dkey, 'budget_bytes', 'used_bytes')
+local d = redis.call('HMGET', KEYS[2], 'budget_bytes', 'used_bytes')
 local free = num(d[1]) - num(d[2])
 if new > old and new - old > free then return {'no_room', int(new - old), int(free)} end
-redis.call('HINCRBY', dkey, 'used_bytes', int(new - old))
+redis.call('HINCRBY', KEYS[2], 'used_bytes', int(new - old))
 redis.call('HSET', KEYS[1], 'bytes', int(new), 'replicas', ARGV[2])
 return {'ok', int(new)}
 """
@@ -394,14 +465,33 @@ redis.call('SADD', KEYS[2], ARGV[4])
 return 1
 """
 
-# KEYS: devices set.  ARGV: model, device, resident prefixes.  Read-only.
+# KEYS: devices set, then for each device the caller read in it (in ARGV's order): its device hash,
+#       its resident set and the hash of each member of that set as the caller read it
+# ARGV: the number of devices, then for each: its label, the number of its resident models as read
+#       and those models
+# Read-only. Replies RETRY when the devices set or a resident set is not what the caller read.
 _AUDIT = _LUA_COMMON + """
+local devices, sections = {}, {}
+local a, k = 2, 2  -- the next ARGV and KEYS index
+for i = 1, tonumber(ARGV[1]) do
+  local count = tonumber(ARGV[a + 1])
+  local s = {d = k, r = k + 1, count = count, at = {}}  -- at: model -> KEYS index of its hash
+  for j = 1, count do s.at[ARGV[a + 1 + j]] = k + 1 + j end
+  devices[ARGV[a]] = true
+  sections[i] = s
+  a, k = a + 2 + count, k + 2 + count
+end
+if not members_as_read(1, devices, #sections) then return {RETRY} end
+for _, s in ipairs(sections) do
+  s.members = members_as_read(s.r, s.at, s.count)
+  if not s.members then return {RETRY} end
+end
 local out = {}
-for _, label in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local d = redis.call('HMGET', ARGV[2] .. label, 'node', 'device', 'budget_bytes', 'used_bytes')
+for _, s in ipairs(sections) do
+  local d = redis.call('HMGET', KEYS[s.d], 'node', 'device', 'budget_bytes', 'used_bytes')
   local sum, models, strays = 0, {}, {}
-  for _, m in ipairs(redis.call('SMEMBERS', ARGV[3] .. label)) do
-    local f = redis.call('HMGET', ARGV[1] .. m, 'state', 'bytes')
+  for _, m in ipairs(s.members) do
+    local f = redis.call('HMGET', KEYS[s.at[m]], 'state', 'bytes')
     if COUNTED[f[1]] then
       sum = sum + num(f[2])
       models[#models + 1] = m
@@ -413,7 +503,6 @@ for _, label in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return out
 """
-
 
 # -- the registry -------------------------------------------------------------------------------
 
@@ -429,6 +518,8 @@ class Registry:
         self.owner = owner
         self.policy: EvictionPolicy = eviction.policy(policy)
         self._redis = client
+        # the heartbeat key is in another slot than the registry's: a cluster refuses it in a script
+        self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._reserve = client.register_script(_RESERVE)
         self._mark_ready = client.register_script(_MARK_READY)
         self._inflight = client.register_script(_INFLIGHT)
@@ -459,11 +550,17 @@ class Registry:
         label = _label(node, device)
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes} for model {model!r}")
-        reply = await _run(
-            self._reserve,
-            [_MODEL + model, _DEVICE + label, _RESIDENT + label, _MODELS, _EVICTIONS],
-            [model, node, device, nbytes, self.owner, self.policy.name, _MODEL, EVENTS_CHANNEL],
-        )
+
+        async def attempt() -> Any:
+            residents = await self._members(_RESIDENT + label)  # the victims' hashes, if it must evict
+            return await _run(
+                self._reserve,
+                [_MODEL + model, _DEVICE + label, _RESIDENT + label, _MODELS, _EVICTIONS,
+                 *(_MODEL + m for m in residents)],
+                [model, node, device, nbytes, self.owner, self.policy.name, EVENTS_CHANNEL, *residents],
+            )
+
+        reply = await _optimistic(f"reserve {model!r} on {label}", attempt)
         tag, rest = _s(reply[0]), [_s(v) for v in reply[1:]]
         if tag == "reserved":
             return Reservation(Outcome.RESERVED, owner=self.owner, node=node, device=device,
@@ -509,15 +606,14 @@ class Registry:
 
     async def release_all(self) -> list[str]:
         """On shutdown, after killing every actor: release all this manager's models."""
-        reply = await _run(self._release_owner, [_MODELS],
-                           [self.owner, _MODEL, _DEVICE, _RESIDENT, EVENTS_CHANNEL, ""])
-        return sorted(_s(m) for m in reply)
+        return await self._release_owner_models(self.owner, "", heartbeat=None)
 
     async def reap_dead_owners(self) -> list[str]:
         """Release the models of managers whose heartbeat key is gone; returns those models.
 
         Each owner's release is one script that re-checks the heartbeat first, so a manager that
-        renews it in between keeps its models.
+        renews it in between keeps its models (on a single Redis; on Redis Cluster the heartbeat
+        is in another slot than the registry, so only the check just before the script is made).
         """
         records = await self._records()
         owners = {r["owner"] for r in records if ModelState(r["state"]) in _COUNTED and r["owner"]}
@@ -532,10 +628,9 @@ class Registry:
         reaped: list[str] = []
         for owner, exists in zip(ordered, alive, strict=True):
             if not exists:
-                reply = await _run(self._release_owner, [_MODELS, keys.manager_heartbeat(owner)],
-                                   [owner, _MODEL, _DEVICE, _RESIDENT, EVENTS_CHANNEL,
-                                    f"released: owner {owner} stopped heartbeating"])
-                reaped.extend(_s(m) for m in reply)
+                heartbeat = None if self._cluster else keys.manager_heartbeat(owner)
+                reaped.extend(await self._release_owner_models(
+                    owner, f"released: owner {owner} stopped heartbeating", heartbeat=heartbeat))
         return sorted(reaped)
 
     # -- per batch ------------------------------------------------------------------------------
@@ -571,7 +666,13 @@ class Registry:
         actors are killed, grow before starting them."""
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas} for model {model!r}: release it instead")
-        reply = await _run(self._resize, [_MODEL + model], [self.owner, replicas, _DEVICE])
+
+        async def attempt() -> Any:
+            node, device = await self._where(model)
+            device_key = [_DEVICE + f"{node}/{device}"] if node and device else []
+            return await _run(self._resize, [_MODEL + model, *device_key], [self.owner, replicas, node, device])
+
+        reply = await _optimistic(f"resize {model!r}", attempt)
         tag, rest = _s(reply[0]), [_s(v) for v in reply[1:]]
         if tag == "ok":
             return Resize(ok=True, nbytes=int(rest[0]))
@@ -627,7 +728,23 @@ class Registry:
 
     async def audit(self) -> list[DeviceAudit]:
         """Every device's budget, used bytes and resident sum, read in one atomic script."""
-        reply = await _run(self._audit, [_DEVICES], [_MODEL, _DEVICE, _RESIDENT])
+
+        async def attempt() -> Any:
+            labels = await self._members(_DEVICES)
+            with _translate():
+                pipe = self._redis.pipeline(transaction=False)
+                for label in labels:
+                    pipe.smembers(_RESIDENT + label)
+                residents = await pipe.execute()
+            keys_: list[str] = [_DEVICES]
+            args: list[Any] = [len(labels)]
+            for label, raw in zip(labels, residents, strict=True):
+                members = sorted(_s(m) for m in raw)
+                keys_ += [_DEVICE + label, _RESIDENT + label, *(_MODEL + m for m in members)]
+                args += [label, len(members), *members]
+            return await _run(self._audit, keys_, args)
+
+        reply = await _optimistic("audit", attempt)
         return [
             DeviceAudit(node=_s(r[0]), device=_s(r[1]), budget_bytes=int(r[2]), used_bytes=int(r[3]),
                         resident_bytes=int(r[4]), models=tuple(sorted(_s(m) for m in r[5])),
@@ -638,9 +755,46 @@ class Registry:
     # -- internals ------------------------------------------------------------------------------
 
     async def _release_one(self, model: str, final: ModelState, error: str) -> bool:
-        reply = await _run(self._release, [_MODEL + model],
-                           [model, self.owner, final.value, _MODEL, _DEVICE, _RESIDENT, EVENTS_CHANNEL, error])
-        return int(reply) == 1
+        async def attempt() -> Any:
+            node, device = await self._where(model)
+            label = f"{node}/{device}"
+            device_keys = [_DEVICE + label, _RESIDENT + label] if node and device else []
+            return await _run(self._release, [_MODEL + model, *device_keys],
+                              [model, self.owner, final.value, EVENTS_CHANNEL, error, node, device])
+
+        reply = await _optimistic(f"release {model!r}", attempt)
+        return int(reply[0]) == 1
+
+    async def _release_owner_models(self, owner: str, error: str, *, heartbeat: str | None) -> list[str]:
+        """Release every counted model of ``owner`` (only if ``heartbeat`` is gone, when given)."""
+
+        async def attempt() -> Any:
+            models = await self._members(_MODELS)
+            with _translate():
+                pipe = self._redis.pipeline(transaction=False)
+                for model in models:
+                    pipe.hmget(_MODEL + model, ["owner", "state", "node", "device"])
+                rows = [[_s(v) if v is not None else "" for v in row] for row in await pipe.execute()]
+            labels = sorted({f"{node}/{device}" for who, state, node, device in rows
+                             if who == owner and state in _COUNTED_VALUES and node and device})
+            keys_ = [_MODELS, *(_MODEL + m for m in models),
+                     *(key for label in labels for key in (_DEVICE + label, _RESIDENT + label))]
+            return await _run(self._release_owner, keys_ + ([heartbeat] if heartbeat else []),
+                              [owner, EVENTS_CHANNEL, error, len(models), *models, *labels])
+
+        reply = await _optimistic(f"release the models of {owner}", attempt)
+        return sorted(_s(m) for m in reply)
+
+    async def _members(self, key: str) -> list[str]:
+        """A set's members, sorted: what a script then checks it still holds."""
+        with _translate():
+            return sorted(_s(m) for m in await self._redis.smembers(key))  # type: ignore[misc]
+
+    async def _where(self, model: str) -> tuple[str, str]:
+        """A model's node and device ("" if unset): its device keys, which a script then checks."""
+        with _translate():
+            node, device = await self._redis.hmget(_MODEL + model, ["node", "device"])  # type: ignore[misc]
+        return (_s(node) if node is not None else "", _s(device) if device is not None else "")
 
     async def _records(self, models: list[str] | None = None) -> list[dict[str, Any]]:
         with _translate():
@@ -732,3 +886,21 @@ def _translate() -> Iterator[None]:
 async def _run(script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:
     with _translate():
         return await script(keys=keys_, args=args)
+
+
+def _is_retry(reply: Any) -> bool:
+    return isinstance(reply, list) and len(reply) == 1 and isinstance(reply[0], bytes | str) and _s(reply[0]) == _RETRY
+
+
+async def _optimistic(what: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``attempt`` (read what a script's keys follow from, then run it) until the script does
+    not reply ``_RETRY``, i.e. what was read was still true when it ran; at most ``_TRIES`` times.
+    After a few lost races, a short random pause lets the concurrent writers through."""
+    for n in range(_TRIES):
+        reply = await attempt()
+        if not _is_retry(reply):
+            return reply
+        if n >= 2:
+            await asyncio.sleep(random.uniform(0, 0.001 * n))
+    raise RegistryError(f"registry: {what} failed: the keys it reads changed under it {_TRIES} times in a row "
+                        "(many concurrent registry changes); try again")
