@@ -31,24 +31,24 @@ from nosq.producer.enqueue import (
     REPLY_BLOCK_MS,
     REPLY_COUNT,
     SAFETY_CHECK_AFTER_S,
+    Call,
     Handle,
     Head,
     Partitions,
     Refusal,
     Shaper,
     TensorType,
-    enqueue_command,
+    call_outcome,
     is_noscript,
     new_client_id,
     next_entry_id,
     output_of,
-    plan_calls,
+    planned_commands,
     queue_full,
     raise_reply_error,
     raw_reply,
     read_notices,
     redis_errors,
-    refusal_of,
     unwrap,
     value_of,
 )
@@ -420,10 +420,15 @@ class AsyncProducer:
         try:
             with redis_errors(f"submitting to model {groups[0].head.key[0]!r}"
                               + (f" and {len(groups) - 1} more" if len(groups) > 1 else "")):
-                tags = await self._tags({group.head.key[0] for group in groups})
-                calls = [(group, call) for group in groups for call in plan_calls(group.body, tags[group.head.key[0]])]
-                replies = await self._run_scripts([enqueue_command(group.head, group.body, call)
-                                                   for group, call in calls])
+                await self._learn({group.head.key[0] for group in groups})
+                calls: list[tuple[_Group, Call, int]] = []
+                commands: list[tuple[Any, ...]] = []
+                for group in groups:
+                    planned = self._partitions.plan(group.head.key[0], group.body)
+                    group_commands, starts = planned_commands(group.head, group.body, planned)
+                    calls += ((group, call, len(commands) + start) for call, start in zip(planned, starts, strict=True))
+                    commands += group_commands
+                replies = await self._run_scripts(commands)
         except BaseException as exc:
             error = exc if isinstance(exc, NosqError) else NosqError(f"the submit was interrupted: {exc!r}")
             for group in groups:
@@ -432,9 +437,8 @@ class AsyncProducer:
             if not isinstance(exc, NosqError):
                 raise
             return
-        for (group, call), reply in zip(calls, replies, strict=True):
-            accepted = int(reply[0])
-            refusal = refusal_of(reply) if accepted < len(call.indices) else None
+        for group, call, start in calls:
+            accepted, refusal = call_outcome(call, replies, start)
             sinks = group.sinks
             for position, i in enumerate(call.indices):
                 sink = sinks[i]
@@ -443,19 +447,18 @@ class AsyncProducer:
                 elif position >= accepted and refusal is not None and not sink.done():
                     sink.set_exception(queue_full(group.head.key[0], refusal))
 
-    async def _tags(self, models: set[str]) -> dict[str, list[str]]:
-        """Each model's partition tags, read again from its admission hash when stale (one
-        round trip for all the stale ones)."""
+    async def _learn(self, models: set[str]) -> None:
+        """Read the partitions and limit of the models whose are stale from their admission
+        hashes (one round trip for all of them)."""
         partitions = self._partitions
         stale = [model for model in models if partitions.stale(model)]
         if stale:
             batch = Commands()
             for model in stale:
-                batch.add(b"HGET", keys.admission(model), b"tags")
-            for model, value in zip(stale, await batch.send(self._client()), strict=True):
-                raise_reply_error(value)
-                partitions.learn(model, value)
-        return {model: partitions.tags(model) for model in models}
+                batch.add(b"HMGET", keys.admission(model), *Partitions.FIELDS)
+            for model, values in zip(stale, await batch.send(self._client()), strict=True):
+                raise_reply_error(values)
+                partitions.learn(model, values)
 
     async def _run_scripts(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """EVALSHA each command; after a NOSCRIPT (a restarted or flushed server), SCRIPT LOAD

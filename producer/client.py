@@ -16,22 +16,22 @@ from nosq.producer.enqueue import (
     REPLY_BLOCK_MS,
     REPLY_COUNT,
     SAFETY_CHECK_AFTER_S,
+    Call,
     Handle,
     Partitions,
     Refusal,
     Shaper,
     TensorType,
-    enqueue_command,
+    call_outcome,
     is_noscript,
     new_client_id,
     next_entry_id,
-    plan_calls,
+    planned_commands,
     queue_full,
     raise_reply_error,
     raw_reply,
     read_notices,
     redis_errors,
-    refusal_of,
     unwrap,
     value_of,
 )
@@ -117,15 +117,15 @@ class Producer:
         if not body:
             return handles
         with redis_errors(f"submitting to model {model!r}"):
-            calls = plan_calls(body, self._tags(model))
-            replies = self._run_scripts([enqueue_command(head, body, call) for call in calls])
+            calls = self._plan(model, body)
+            commands, starts = planned_commands(head, body, calls)
+            replies = self._run_scripts(commands)
         taken: list[int] = []
         refusal: Refusal | None = None
-        for call, reply in zip(calls, replies, strict=True):
-            count = int(reply[0])
+        for call, start in zip(calls, starts, strict=True):
+            count, refused = call_outcome(call, replies, start)
             taken += call.indices[:count]
-            if count < len(call.indices) and refusal is None:
-                refusal = refusal_of(reply)
+            refusal = refusal or refused
         accepted = [handles[i] for i in sorted(taken)]
         with self._lock:
             self._mine.update(h.id for h in accepted)
@@ -133,13 +133,14 @@ class Producer:
             raise queue_full(model, refusal, accepted)
         return handles
 
-    def _tags(self, model: str) -> list[str]:
-        """The model's partition tags, read again from its admission hash when stale."""
+    def _plan(self, model: str, body: list[Any]) -> list[Call]:
+        """The enqueue calls of ``body``, after reading the model's partitions and limit again
+        from its admission hash when stale."""
         partitions = self._partitions
         if partitions.stale(model):
-            value: Any = self._client().hget(keys.admission(model), "tags")
-            return partitions.learn(model, value)
-        return partitions.tags(model)
+            values: Any = self._client().hmget(keys.admission(model), list(Partitions.FIELDS))
+            partitions.learn(model, values)
+        return partitions.plan(model, body)
 
     def _run_scripts(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """EVALSHA each command; after a NOSCRIPT (a restarted or flushed server), SCRIPT LOAD

@@ -51,7 +51,9 @@ __all__ = [
     "Refusal",
     "Shaper",
     "TensorType",
-    "enqueue_command",
+    "call_outcome",
+    "enqueue_commands",
+    "planned_commands",
     "envelope_of",
     "is_noscript",
     "new_client_id",
@@ -154,6 +156,7 @@ ENQUEUE_CHUNK: Final = 1000
 ENQUEUE_CHUNK_BYTES: Final = 8 << 20
 NO_DEADLINE: Final = b""
 PARTITIONS_TTL_S: Final = 5.0  # how long a producer trusts the partition tags it read
+PLAIN_XADD_BYTES: Final = 8192  # mean payload from which a call without a backlog limit is plain XADDs
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,24 +274,37 @@ class Shaper:
 
 
 class Call(NamedTuple):
-    """One script call: the requests (indexes into a body) it enqueues on one partition's stream."""
+    """One script call (or, ``plain``, one XADD a request): the requests (indexes into a body) it
+    enqueues on one partition's stream."""
 
     tag: str  # the partition's hash tag: the model id, or ``<model>~<k>``
     indices: range | list[int]
+    plain: bool = False
 
 
-def plan_calls(body: Sequence[Any], tags: Sequence[str]) -> list[Call]:
+def plan_calls(body: Sequence[Any], tags: Sequence[str], *, limited: bool = True) -> list[Call]:
     """The script calls for ``body`` (3 arguments a request) on a model whose partitions have
     ``tags`` (``[model]`` for one stream): each request on its partition (``keys.partition_of``),
-    at most ENQUEUE_CHUNK requests and, past the first, ENQUEUE_CHUNK_BYTES of payload a call."""
+    at most ENQUEUE_CHUNK requests and, past the first, ENQUEUE_CHUNK_BYTES of payload a call.
+
+    A model without a backlog limit (``limited`` False) has nothing for the script to check:
+    calls whose requests carry ``PLAIN_XADD_BYTES`` or more each on average are sent as plain
+    XADDs, which Redis takes without copying each payload into Lua and back (at 48 KiB the
+    script costs Redis more than the XADD itself)."""
     n = len(body) // 3
     if len(tags) > 1:
         groups: dict[int, list[int]] = {}
         for i in range(n):
             groups.setdefault(keys.partition_of(body[3 * i], len(tags)), []).append(i)
-        return [Call(tags[p], [group[i] for i in part]) for p, group in sorted(groups.items())
-                for part in _chunks(body, group)]
-    return [Call(tags[0], part) for part in _chunks(body, range(n))]
+        calls = [Call(tags[p], [group[i] for i in part]) for p, group in sorted(groups.items())
+                 for part in _chunks(body, group)]
+    else:
+        calls = [Call(tags[0], part) for part in _chunks(body, range(n))]
+    if limited:
+        return calls
+    return [call._replace(plain=True)
+            if sum(len(body[3 * i + 1]) for i in call.indices) >= PLAIN_XADD_BYTES * len(call.indices) else call
+            for call in calls]
 
 
 def _chunks(body: Sequence[Any], indices: Sequence[int]) -> list[range]:
@@ -311,37 +327,78 @@ def _chunks(body: Sequence[Any], indices: Sequence[int]) -> list[range]:
     return runs
 
 
-def enqueue_command(head: Head, body: Sequence[Any], call: Call) -> tuple[Any, ...]:
-    """The EVALSHA command of the requests of ``call``."""
+def enqueue_commands(head: Head, body: Sequence[Any], call: Call) -> list[tuple[Any, ...]]:
+    """The EVALSHA command of the requests of ``call``, or their XADDs (``call.plain``): the same
+    entries the script writes."""
     indices = call.indices
+    if call.plain:
+        stream, shared = keys.requests(call.tag), head.argv[1:]
+        commands = []
+        for i in indices:
+            rid, payload, dl = body[3 * i : 3 * i + 3]
+            deadline = () if dl == NO_DEADLINE else (b"dl", dl)
+            commands.append(("XADD", stream, "*", b"id", rid, b"p", payload, *deadline, *shared))
+        return commands
     if isinstance(indices, range):
         args = body[3 * indices.start : 3 * indices.stop]
     else:
         args = [arg for i in indices for arg in body[3 * i : 3 * i + 3]]
-    return ("EVALSHA", ENQUEUE_BATCH_SHA, 2, keys.requests(call.tag), keys.admission(call.tag), *head.argv, *args)
+    return [("EVALSHA", ENQUEUE_BATCH_SHA, 2, keys.requests(call.tag), keys.admission(call.tag), *head.argv, *args)]
+
+
+def planned_commands(head: Head, body: Sequence[Any], calls: Sequence[Call]) -> tuple[list[tuple[Any, ...]], list[int]]:
+    """Every command of ``calls``, and where each call's replies start among their replies."""
+    commands: list[tuple[Any, ...]] = []
+    starts = []
+    for call in calls:
+        starts.append(len(commands))
+        commands += enqueue_commands(head, body, call)
+    return commands, starts
+
+
+def call_outcome(call: Call, replies: Sequence[Any], start: int) -> tuple[int, Refusal | None]:
+    """How many of ``call``'s requests were enqueued (its first ones), and why the rest were
+    refused; its replies begin at ``start`` (error replies were raised before)."""
+    if call.plain:
+        return len(call.indices), None
+    reply = replies[start]
+    count = int(reply[0])
+    return count, (refusal_of(reply) if count < len(call.indices) else None)
 
 
 class Partitions:
-    """Each model's partition tags as its managers publish them (``keys.published_tags``), looked
-    up again every ``PARTITIONS_TTL_S``: a model partitioned later is picked up within that."""
+    """Each model's partition tags as its managers publish them (``keys.published_tags``), and
+    whether it has a backlog limit, looked up again every ``PARTITIONS_TTL_S``: a model
+    partitioned (or limited) later is followed within that."""
+
+    FIELDS: Final = (b"tags", b"max_backlog")  # HMGET of the model's admission hash, for ``learn``
 
     def __init__(self) -> None:
-        self._tags: dict[str, tuple[list[str], float]] = {}
+        self._tags: dict[str, tuple[list[str], float, bool]] = {}
 
     def stale(self, model: str) -> bool:
         known = self._tags.get(model)
         return known is None or known[1] <= time.monotonic()
 
-    def learn(self, model: str, value: bytes | str | None) -> list[str]:
-        tags = keys.published_tags(model, value)
+    def learn(self, model: str, values: Sequence[bytes | str | None]) -> None:
+        """Remember the answer to ``HMGET <admission hash> *FIELDS``."""
+        tags, limit = values
         if len(self._tags) >= 4096:
             self._tags.clear()
-        self._tags[model] = (tags, time.monotonic() + PARTITIONS_TTL_S)
-        return tags
+        self._tags[model] = (keys.published_tags(model, tags), time.monotonic() + PARTITIONS_TTL_S, limit is not None)
 
     def tags(self, model: str) -> list[str]:
         known = self._tags.get(model)
         return [model] if known is None else known[0]
+
+    def limited(self, model: str) -> bool:
+        """Whether the model has a backlog limit (not known yet: as if it had)."""
+        known = self._tags.get(model)
+        return known is None or known[2]
+
+    def plan(self, model: str, body: Sequence[Any]) -> list[Call]:
+        """``plan_calls`` for ``body`` on this model as last learnt."""
+        return plan_calls(body, self.tags(model), limited=self.limited(model))
 
 
 def is_noscript(reply: Any) -> bool:

@@ -27,7 +27,8 @@ from nosq.producer.enqueue import (
     ENQUEUE_MANY_LUA,
     Call,
     Shaper,
-    enqueue_command,
+    PLAIN_XADD_BYTES,
+    enqueue_commands,
     next_entry_id,
     plan_calls,
     read_notices,
@@ -61,6 +62,14 @@ async def spy_round_trips(p: AsyncProducer, monkeypatch: pytest.MonkeyPatch) -> 
 def commandstats(client: redis.Redis, name: str) -> int:
     stats: Any = client.info("commandstats")
     return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+
+
+def _calls_or_none(client: redis.Redis, name: str) -> int | None:
+    """``commandstats``, or None on fakeredis (no INFO)."""
+    try:
+        return commandstats(client, name)
+    except redis.ResponseError:
+        return None
 
 
 # -- coalescing ----------------------------------------------------------------------------------
@@ -163,7 +172,7 @@ def test_plan_calls_spread_requests_over_partitions_by_id() -> None:
         assert {tags[keys.partition_of(body[3 * i], 3)] for i in call.indices} == {call.tag}
     per_tag = {tag: sum(len(c.indices) for c in calls if c.tag == tag) for tag in tags}
     assert min(per_tag.values()) > 800  # an even spread of 3000 random ids: ~1000 each
-    command = enqueue_command(Shaper("msgpack", None).head("m", None, None, 1), body, calls[0])
+    (command,) = enqueue_commands(Shaper("msgpack", None).head("m", None, None, 1), body, calls[0])
     assert command[3:5] == (keys.requests(calls[0].tag), keys.admission(calls[0].tag))
 
 
@@ -179,6 +188,51 @@ def test_partition_tags_land_on_distinct_thirds_of_the_slot_range() -> None:
     assert keys.published_tags("mlp", b"other other~1") == ["mlp"]  # not this model's: ignored
     assert keys.partition_of("abc", 1) == 0
     assert keys.model_of_tag("mlp~7") == "mlp"
+
+
+def test_plain_xadds_only_without_a_limit_and_for_large_payloads() -> None:
+    big = b"x" * PLAIN_XADD_BYTES
+    body = [x for i in range(4) for x in (f"id{i}", big, b"" if i % 2 else b"123")]
+    assert [c.plain for c in plan_calls(body, ["m"], limited=False)] == [True]
+    assert [c.plain for c in plan_calls(body, ["m"], limited=True)] == [False]  # the script checks the limit
+    small = [x for i in range(4) for x in (f"id{i}", b"p", b"")]
+    assert [c.plain for c in plan_calls(small, ["m"], limited=False)] == [False]  # one call beats n XADDs
+    head = Shaper("msgpack", "r1").head("m", None, 30, 0)
+    commands = enqueue_commands(head, body, plan_calls(body, ["m"], limited=False)[0])
+    assert [c[:3] for c in commands] == [("XADD", keys.requests("m"), "*")] * 4
+    assert commands[0][3:9] == (b"id", "id0", b"p", big, b"dl", b"123")  # the fields the script writes
+    assert commands[1][3:7] == (b"id", "id1", b"p", big) and b"dl" not in commands[1]
+    assert commands[0][9:] == tuple(head.argv[1:]) == commands[1][7:]
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+async def test_large_payloads_enqueue_alike_with_or_without_a_limit(
+    settings: RedisSettings, client: redis.Redis, manager: FakeManager, limit: int | None,
+) -> None:
+    """Without a limit large payloads go as plain XADDs, with one through the script (which
+    refuses past it); either way the entries are the ones the script writes and are served."""
+    if limit is not None:
+        limit_backlog(client, "echo", limit, 100)
+    large = [np.full(PLAIN_XADD_BYTES // 4, i, dtype=np.float32) for i in range(5)]
+    async with AsyncProducer(settings) as p:
+        evals = _calls_or_none(client, "evalsha")
+        small = await p.submit("echo", 1.5, timeout_s=30)
+        try:
+            handles = await p.submit_many("echo", large, timeout_s=30)
+        except QueueFull as full:
+            assert limit is not None and len(full.accepted) == limit - 1
+            handles = full.accepted
+        else:
+            assert limit is None
+        fields = [sorted(f) for _, f in client.xrange(REQ)]
+        assert fields == [sorted(fields[0])] * len(fields) and b"dl" in fields[0]
+        if evals is not None:  # the small request through the script; the large ones too only with a limit
+            assert commandstats(client, "evalsha") - evals == (1 if limit is None else 2)
+        await manager.aserve(p._client())
+        outs = await p.gather([small, *handles], timeout_s=10)
+    assert outs[0] == 1.5
+    for out, x in zip(outs[1:], large, strict=False):
+        np.testing.assert_array_equal(out, x)
 
 
 # -- QueueFull per request -----------------------------------------------------------------------
