@@ -59,10 +59,11 @@ for step in $steps; do
                      --seconds 10 --redis-server "$redis" --out "$out/scaling_noop_gpuhost.json" ;;
         # the queue past one Redis (issue 18): plain Redis beside a 3-master cluster (3 replicas), the
         # model on 1 and 3 partitions, 3 managers; the cluster's redis-server and redis-cli come from .debs
-        cluster-*) case=${step#cluster-}
+        cluster-*) case=${step#cluster-}  # cluster-noop48k, cluster-cnn, or cluster-noop48k,cnn (plain vs 3 partitions)
+                   layouts=single,cluster-1p,cluster-3p; [[ $case == *,* ]] && layouts=single,cluster-3p
                    PATH=/tmp/redisroot/usr/bin:$PATH python3 -m benchmarks.cluster --device cuda --cases "$case" \
-                       --managers 3 --producers 6 --seconds 6 --redis-server "$redis" \
-                       --out "$out/cluster_${case}_cuda.json" ;;
+                       --layouts "$layouts" --managers 3 --producers 6 --seconds 5 --redis-server "$redis" \
+                       --out "$out/cluster_${case/,/_}_cuda.json" ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac 2>&1 | tee "$out/$step.log"
     echo "== $step: exit ${PIPESTATUS[0]} in $(( $(date +%s) - started )) s"
