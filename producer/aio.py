@@ -455,10 +455,13 @@ class AsyncProducer:
         if stale:
             batch = Commands()
             for model in stale:
-                batch.add(b"HMGET", keys.admission(model), *Partitions.FIELDS)
-            for model, values in zip(stale, await batch.send(self._client()), strict=True):
-                raise_reply_error(values)
-                partitions.learn(model, values)
+                Partitions.ask(batch, model)
+            values = await batch.send(self._client())
+            for value in values:
+                raise_reply_error(value)
+            width = len(Partitions.FIELDS)
+            for n, model in enumerate(stale):
+                partitions.learn(model, values[width * n : width * (n + 1)])
 
     async def _run_scripts(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """EVALSHA each command; after a NOSCRIPT (a restarted or flushed server), SCRIPT LOAD

@@ -138,7 +138,11 @@ class Producer:
         from its admission hash when stale."""
         partitions = self._partitions
         if partitions.stale(model):
-            values: Any = self._client().hmget(keys.admission(model), list(Partitions.FIELDS))
+            reads = Commands()
+            Partitions.ask(reads, model)
+            values = reads.send_blocking(self._client())
+            for value in values:
+                raise_reply_error(value)
             partitions.learn(model, values)
         return partitions.plan(model, body)
 

@@ -23,6 +23,7 @@ from redis.exceptions import (
 from nosq.producer import keys
 from nosq.producer.codec import decode_envelope_value, encode_value
 from nosq.producer.errors import NosqConnectionError, NosqError, ProtocolError, QueueFull, RemoteError
+from nosq.producer.resp import Commands
 from nosq.producer.wire import (
     DEFAULT_TTL_S,
     MODEL_ID_RE,
@@ -371,7 +372,9 @@ class Partitions:
     whether it has a backlog limit, looked up again every ``PARTITIONS_TTL_S``: a model
     partitioned (or limited) later is followed within that."""
 
-    FIELDS: Final = (b"tags", b"max_backlog")  # HMGET of the model's admission hash, for ``learn``
+    # what ``learn`` reads of the model's admission hash: one HGET each (the producer's ACL
+    # allows HGET there, docs/operations.md), sent together
+    FIELDS: Final = (b"tags", b"max_backlog")
 
     def __init__(self) -> None:
         self._tags: dict[str, tuple[list[str], float, bool]] = {}
@@ -381,7 +384,7 @@ class Partitions:
         return known is None or known[1] <= time.monotonic()
 
     def learn(self, model: str, values: Sequence[bytes | str | None]) -> None:
-        """Remember the answer to ``HMGET <admission hash> *FIELDS``."""
+        """Remember the values of ``FIELDS`` read from the model's admission hash."""
         tags, limit = values
         if len(self._tags) >= 4096:
             self._tags.clear()
@@ -390,6 +393,12 @@ class Partitions:
     def tags(self, model: str) -> list[str]:
         known = self._tags.get(model)
         return [model] if known is None else known[0]
+
+    @staticmethod
+    def ask(commands: Commands, model: str) -> None:
+        """Add the reads ``learn`` takes the answers of."""
+        for name in Partitions.FIELDS:
+            commands.add(b"HGET", keys.admission(model), name)
 
     def limited(self, model: str) -> bool:
         """Whether the model has a backlog limit (not known yet: as if it had)."""
