@@ -59,6 +59,10 @@ for step in $steps; do
                      --seconds 10 --redis-server "$redis" --out "$out/scaling_noop_gpuhost.json" ;;
         # the queue past one Redis (issue 18): plain Redis beside a 3-master cluster (3 replicas), the
         # model on 1 and 3 partitions, 3 managers; the cluster's redis-server and redis-cli come from .debs
+        # the shortest: 48 KiB items, plain Redis beside 3 partitions, 4 s windows
+        cluster-quick) PATH=/tmp/redisroot/usr/bin:$PATH python3 -m benchmarks.cluster --device cuda \
+                           --cases noop48k --layouts single,cluster-3p --managers 3 --producers 6 --seconds 4 \
+                           --redis-server "$redis" --out "$out/cluster_quick_cuda.json" ;;
         cluster-*) case=${step#cluster-}  # cluster-noop48k, cluster-cnn, or cluster-noop48k,cnn (plain vs 3 partitions)
                    layouts=single,cluster-1p,cluster-3p; [[ $case == *,* ]] && layouts=single,cluster-3p
                    PATH=/tmp/redisroot/usr/bin:$PATH python3 -m benchmarks.cluster --device cuda --cases "$case" \
