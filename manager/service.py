@@ -456,14 +456,15 @@ class Manager:
         pipe = self._client().pipeline(transaction=False)
         for model, pipeline in self.pipelines.items():
             tags, limit = pipeline.tags, pipeline.spec.max_backlog
-            rate = pipeline.stats.snapshot()["req_per_s"]
-            for tag in tags:
-                if limit is None:
+            if limit is None:
+                for tag in tags:
                     pipe.hdel(keys.admission(tag), "max_backlog", "retry_after_ms")
-                    continue
+            else:
+                rate = pipeline.stats.snapshot()["req_per_s"]
                 retry_ms = 1000 if rate <= 0 else min(10_000, max(50, int(1000 * limit * 0.1 / rate)))
                 share = -(-limit // len(tags))  # the limit split evenly over the partitions
-                pipe.hset(keys.admission(tag), mapping={"max_backlog": share, "retry_after_ms": retry_ms})
+                for tag in tags:
+                    pipe.hset(keys.admission(tag), mapping={"max_backlog": share, "retry_after_ms": retry_ms})
             if len(tags) > 1:  # where producers in any language find the partitions (protocol §1, Partitioned models)
                 pipe.hset(keys.admission(model), mapping={"partitions": len(tags), "tags": " ".join(tags)})
             else:

@@ -457,8 +457,6 @@ class AsyncProducer:
             for model in stale:
                 Partitions.ask(batch, model)
             values = await batch.send(self._client())
-            for value in values:
-                raise_reply_error(value)
             width = len(Partitions.FIELDS)
             for n, model in enumerate(stale):
                 partitions.learn(model, values[width * n : width * (n + 1)])

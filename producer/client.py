@@ -140,10 +140,7 @@ class Producer:
         if partitions.stale(model):
             reads = Commands()
             Partitions.ask(reads, model)
-            values = reads.send_blocking(self._client())
-            for value in values:
-                raise_reply_error(value)
-            partitions.learn(model, values)
+            partitions.learn(model, reads.send_blocking(self._client()))
         return partitions.plan(model, body)
 
     def _run_scripts(self, commands: list[tuple[Any, ...]]) -> list[Any]:

@@ -383,8 +383,11 @@ class Partitions:
         known = self._tags.get(model)
         return known is None or known[1] <= time.monotonic()
 
-    def learn(self, model: str, values: Sequence[bytes | str | None]) -> None:
-        """Remember the values of ``FIELDS`` read from the model's admission hash."""
+    def learn(self, model: str, values: Sequence[Any]) -> None:
+        """Remember the values of ``FIELDS`` read from the model's admission hash (replies of
+        ``ask``: an error reply is raised)."""
+        for value in values:
+            raise_reply_error(value)
         tags, limit = values
         if len(self._tags) >= 4096:
             self._tags.clear()

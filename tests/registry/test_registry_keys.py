@@ -85,7 +85,7 @@ def private_redis() -> Iterator[Path]:
     """A redis-server of this test alone, on a unix socket: MONITOR sees only our commands."""
     server = shutil.which("redis-server")
     if server is None:
-        pytest.skip("redis-server is not on PATH")
+        pytest.fail("redis-server is not on PATH: install Redis 7 (apt-get install redis-server)")
     with tempfile.TemporaryDirectory(prefix="nosq-keys-") as tmp:
         sock = Path(tmp) / "redis.sock"
         proc = subprocess.Popen([server, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no",
