@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,10 +128,15 @@ class LocalCluster:
     def start_node(self, name: str, resources: dict[str, float]) -> Node:
         return self._start(name, ["--address", self.address], resources, {})
 
-    def kill_node(self, node: Node) -> None:
+    def kill_node(self, node: Node, when: Callable[[], bool] | None = None) -> None:
         """The node goes away at once, as a lost host would: SIGKILL its raylet, its agents and
-        its workers (each worker in a process group of its own)."""
+        its workers (each worker in a process group of its own). ``when``: polled after the
+        processes are listed, the kill follows the first True at once, or 10 s (a test that needs the
+        node to die mid-batch waits for a batch to start)."""
         node.pids |= set(descendants(node.process.pid, zombies=True))
+        deadline = time.monotonic() + 10
+        while when is not None and not when() and time.monotonic() < deadline:
+            time.sleep(0.002)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.process.pid, signal.SIGKILL)
         for pid in node.pids:
