@@ -32,7 +32,7 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.exceptions import AskError, ClusterDownError, RedisClusterException, TryAgainError
 
-__all__ = ["Commands", "get_many", "get_many_blocking", "pack_command", "read_group"]
+__all__ = ["Commands", "closed_transport", "get_many", "get_many_blocking", "pack_command", "read_group"]
 
 Arg = bytes | bytearray | memoryview | str | int
 _INLINE = 4096  # values up to this size are copied into the command; larger ones are referenced
@@ -174,9 +174,22 @@ def _send_blocking(client: redis.Redis, parts: list[bytes | bytearray | memoryvi
         pool.release(connection)
 
 
+def closed_transport(exc: BaseException) -> bool:
+    """A write on a connection the server has closed, as uvloop reports it (``RuntimeError:
+    unable to perform operation on <TCPTransport closed=True ...>; the handler is closed``);
+    asyncio's own loop raises ``ConnectionResetError`` there, which redis-py translates. A pooled
+    connection to a master that was killed fails so on its next write."""
+    return isinstance(exc, RuntimeError) and "handler is closed" in str(exc)
+
+
 async def _exchange(connection: Any, parts: list[bytes | bytearray | memoryview], count: int) -> list[Any]:
-    for piece in _pieces(parts):
-        await connection.send_packed_command(piece, check_health=False)
+    try:
+        for piece in _pieces(parts):
+            await connection.send_packed_command(piece, check_health=False)
+    except RuntimeError as exc:  # redis-py has dropped the connection already
+        if not closed_transport(exc):
+            raise
+        raise redis.ConnectionError(f"connection closed by the server: {exc}") from exc
     replies: list[Any] = []
     for _ in range(count):
         try:

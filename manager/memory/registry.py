@@ -96,7 +96,7 @@ from redis.commands.core import AsyncScript
 
 from nosq.manager.memory import eviction
 from nosq.manager.memory.eviction import LUA_CHOOSE_VICTIMS, EvictionPolicy, ModelState, Resident
-from nosq.manager.runtime.redislink import LOST
+from nosq.manager.runtime.redislink import is_lost
 from nosq.producer import keys
 from nosq.producer.errors import NosqConnectionError, NosqError
 
@@ -877,10 +877,12 @@ def _translate() -> Iterator[None]:
     """Redis errors become nosq errors, with the cause kept."""
     try:
         yield
-    except LOST as exc:  # a cluster's master failing over included
-        raise NosqConnectionError(f"registry: Redis unreachable: {exc}; is Redis running?") from exc
-    except redis.ResponseError as exc:
-        raise RegistryError(f"registry script failed: {exc}") from exc
+    except Exception as exc:
+        if is_lost(exc):  # a cluster's master failing over (CLUSTERDOWN, TRYAGAIN) included
+            raise NosqConnectionError(f"registry: Redis unreachable: {exc}; is Redis running?") from exc
+        if isinstance(exc, redis.ResponseError):
+            raise RegistryError(f"registry script failed: {exc}") from exc
+        raise
 
 
 async def _run(script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:

@@ -24,8 +24,9 @@ import redis
 from redis.exceptions import ClusterDownError, RedisClusterException, TryAgainError
 
 from nosq.producer.errors import NosqConnectionError
+from nosq.producer.resp import closed_transport
 
-__all__ = ["LOST", "RedisLink", "RedisOutage", "forever", "retrying"]
+__all__ = ["LOST", "RedisLink", "RedisOutage", "forever", "is_lost", "retrying"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,6 +34,15 @@ T = TypeVar("T")
 LOST = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError, ClusterDownError, TryAgainError,
         RedisClusterException)
 FIRST_DELAY_S = 0.1
+
+
+def is_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis (or the slot's master) went away: ``LOST``, or a write on a
+    connection the server closed as uvloop reports it (``resp.closed_transport``), which redis-py's
+    own commands on a cluster node's pooled connection pass on untranslated."""
+    return isinstance(exc, LOST) or closed_transport(exc)
+
+
 MAX_DELAY_S = 2.0
 
 
@@ -100,7 +110,9 @@ class RedisLink:
             delay = min(MAX_DELAY_S, delay * 2)
             try:
                 await self._ping()
-            except LOST as exc:
+            except Exception as exc:
+                if not is_lost(exc):
+                    raise
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 lasted = time.monotonic() - self.lost_since
                 if self._limit_s is not None and lasted > self._limit_s:
@@ -121,7 +133,9 @@ async def retrying(op: Callable[[], Awaitable[T]], what: str, link: RedisLink) -
     while True:
         try:
             return await op()
-        except LOST as exc:
+        except Exception as exc:
+            if not is_lost(exc):
+                raise
             link.lost(exc)
             log.info("%s: waiting for Redis", what)
             await link.wait_up()
@@ -133,7 +147,9 @@ async def forever(loop: Callable[[], Awaitable[None]], what: str, link: RedisLin
         try:
             await loop()
             return
-        except LOST as exc:
+        except Exception as exc:
+            if not is_lost(exc):
+                raise
             link.lost(exc)
             log.info("%s: waiting for Redis to restart the loop", what)
             await link.wait_up()

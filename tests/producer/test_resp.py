@@ -3,7 +3,9 @@ replies as redis-py's own commands, errors in place, large values by reference."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
@@ -97,3 +99,30 @@ async def test_a_pipeline_larger_than_a_piece_arrives_whole(db: redis.asyncio.Re
         commands.set_nx_ex(b"big:%d" % i, value, 60)
     assert await commands.send(db) == [b"OK", b"OK", b"OK"]
     assert await db.mget([b"big:0", b"big:1", b"big:2"]) == values
+
+
+def test_a_write_on_a_connection_the_server_closed_is_a_connection_error_under_uvloop(redis_db: RedisSettings) -> None:
+    """The manager runs on uvloop, which raises ``RuntimeError: ... the handler is closed`` for a
+    write on a closed transport (asyncio's loop raises ConnectionResetError, which redis-py
+    translates). A cluster node's pooled connection to a killed master failed so, and the
+    manager stopped instead of waiting out the failover (CI, 2026-12-07)."""
+    import uvloop
+
+    async def scenario() -> tuple[BaseException, list[Any]]:
+        client = redis_db.async_client()
+        try:
+            connection = await client.connection_pool.get_connection("_")
+            connection._writer.transport.close()  # as the loop does after the peer's reset
+            await asyncio.sleep(0.01)  # the loop closes the handle
+            with pytest.raises(redis.ConnectionError) as lost:
+                await resp._exchange(connection, [resp.pack_command(b"PING")], 1)
+            again = await resp._exchange(connection, [resp.pack_command(b"PING")], 1)  # reconnects
+            await client.connection_pool.release(connection)
+            return lost.value, again
+        finally:
+            await client.aclose()
+
+    error, again = uvloop.run(scenario())
+    assert resp.closed_transport(error.__cause__ or error), f"not uvloop's closed-transport error: {error!r}"
+    assert again == [b"PONG"]
+    assert not resp.closed_transport(RuntimeError("something else"))
