@@ -23,7 +23,7 @@ from redis.exceptions import (
 from nosq.producer import keys
 from nosq.producer.codec import decode_envelope_value, encode_value
 from nosq.producer.errors import NosqConnectionError, NosqError, ProtocolError, QueueFull, RemoteError
-from nosq.producer.resp import Commands
+from nosq.producer.resp import Commands, closed_transport
 from nosq.producer.wire import (
     DEFAULT_TTL_S,
     MODEL_ID_RE,
@@ -519,6 +519,10 @@ def redis_errors(where: str) -> Iterator[None]:
     except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError,
             RedisClusterException) as exc:  # the last three: a cluster's master failing over
         raise NosqConnectionError(f"{where}: cannot reach Redis: {exc}") from exc
+    except RuntimeError as exc:
+        if not closed_transport(exc):  # under uvloop: a write on a connection the server closed
+            raise
+        raise NosqConnectionError(f"{where}: cannot reach Redis: the connection was closed ({exc})") from exc
     except NoPermissionError as exc:
         raise NosqError(f"{where}: the Redis ACL user may not do this: {_reason(exc)} "
                         "(see docs/operations.md, Security)") from exc

@@ -11,7 +11,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from nosq.producer import resp
+from nosq.producer import NosqConnectionError, resp
+from nosq.producer.enqueue import redis_errors
 from nosq.producer.resp import Commands, read_group
 from nosq.producer.settings import RedisSettings
 
@@ -126,3 +127,6 @@ def test_a_write_on_a_connection_the_server_closed_is_a_connection_error_under_u
     assert resp.closed_transport(error.__cause__ or error), f"not uvloop's closed-transport error: {error!r}"
     assert again == [b"PONG"]
     assert not resp.closed_transport(RuntimeError("something else"))
+    assert error.__cause__ is not None
+    with pytest.raises(NosqConnectionError, match="submit: cannot reach Redis"), redis_errors("submit"):
+        raise error.__cause__  # what a redis-py command of the producer would raise
