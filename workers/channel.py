@@ -14,7 +14,8 @@ its own host talks to it directly:
   maps it.
 * the first byte of the input segment is the slot's stage (:class:`Stage`), written by the
   replica as it goes: if the replica dies, the manager reads it to tell the batch that was in
-  the model (blamed, retried as a suspect) from those decoding, waiting or encoding beside it.
+  the model (blamed, retried as a suspect) from those decoding, waiting, fetching or encoding
+  beside it.
 
 A replica on another host, or a host without ``memfd``, is called through Ray instead
 (``nosq.workers.actor.ModelWorker.run``), with the same :class:`~nosq.workers.datapath.BatchInput`.
@@ -67,8 +68,9 @@ class Stage(enum.IntEnum):
     DECODING = 1
     WAITING = 2  # decoded, waiting for the model (another slot's batch is in it)
     IN_MODEL = 3
-    ENCODING = 4
-    DONE = 5
+    FETCHING = 4  # out of the model (set before its lock is released), outputs being fetched
+    ENCODING = 5
+    DONE = 6
 
     @property
     def suspect(self) -> bool:

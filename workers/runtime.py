@@ -244,6 +244,9 @@ class ModelRuntime:
                     runner.bisect(runner.pending(), raw)
                 provenance = self._provenance()
                 clock.lap("model")
+                # before the lock goes: the next slot's batch may enter the model, and kill the
+                # process, at once; this one must not read as in the model then
+                stage(Stage.FETCHING)
             runner.fetch(raw)  # on CUDA: waits for the device, outside the lock
             clock.lap("fetch")
         stage(Stage.ENCODING)

@@ -14,6 +14,7 @@ from torch import nn
 from nosq.producer.codec import decode_value, encode_value
 from nosq.workers import demo
 from nosq.workers.actor import ModelWorker
+from nosq.workers.channel import Stage
 from nosq.workers.datapath import BatchOutput, ItemResult, batch_of
 from nosq.workers.runtime import ModelLoadError
 from nosq.workers.spec import ModelSpec
@@ -278,3 +279,18 @@ def test_placed_gpu_must_exist() -> None:
     beyond = f"cuda:{torch.cuda.device_count()}"
     with pytest.raises(ModelLoadError, match="no CUDA device" if not torch.cuda.is_available() else "GPU"):
         ModelWorker(ModelSpec(id="t", factory="nosq.workers.demo:noop"), device=beyond)
+
+
+def test_a_batch_leaves_the_model_stage_before_the_next_may_enter() -> None:
+    """Over a channel the manager blames a replica's death on the batch whose stage reads
+    IN_MODEL. The next slot's batch takes the model lock the moment it is released and may kill
+    the process at once: the batch before must have left IN_MODEL by then (CI once saw both
+    blamed, and the innocent one answered ``worker_died``)."""
+    worker = ModelWorker(ModelSpec(id="noop", factory="nosq.workers.demo:noop"), local_channel=False)
+    seen: list[tuple[Stage, bool]] = []
+    lock = worker.runtime._model_lock
+    worker.runtime.run_batch(batch_of("forward", "msgpack", [encode_value("msgpack", np.ones(4, np.float32))]),
+                             lambda stage: seen.append((stage, lock.locked())))
+    assert seen == [(Stage.DECODING, False), (Stage.WAITING, False), (Stage.IN_MODEL, True),
+                    (Stage.FETCHING, True), (Stage.ENCODING, False)]
+    assert not Stage.FETCHING.suspect
