@@ -34,6 +34,7 @@ T = TypeVar("T")
 LOST = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError, ClusterDownError, TryAgainError,
         RedisClusterException)
 FIRST_DELAY_S = 0.1
+MAX_DELAY_S = 2.0
 
 
 def is_lost(exc: BaseException) -> bool:
@@ -41,9 +42,6 @@ def is_lost(exc: BaseException) -> bool:
     connection the server closed as uvloop reports it (``resp.closed_transport``), which redis-py's
     own commands on a cluster node's pooled connection pass on untranslated."""
     return isinstance(exc, LOST) or closed_transport(exc)
-
-
-MAX_DELAY_S = 2.0
 
 
 class RedisOutage(NosqConnectionError):

@@ -5,8 +5,8 @@ one connection per in-flight slot), to one elsewhere through a Ray call (``await
 blocking the event loop). An actor that dies is restarted by Ray (``max_restarts=-1``); its
 batch is retried; a batch that keeps killing its worker is split until the input that does it
 fails alone with ``worker_died``. Which batch a death is blamed on: over a channel, the one
-the replica had in its model (``Stage.suspect``), not those decoding, waiting or encoding
-beside it; over Ray, the oldest call (the actor runs Ray calls one at a time). A replica's node that goes
+the replica had in its model (``Stage.suspect``), not those decoding, waiting, fetching or
+encoding beside it; over Ray, the oldest call (the actor runs Ray calls one at a time). A replica's node that goes
 away (raylet killed, host lost) is the same to the pool: Ray restarts the actor on another
 node that has the spec's ``resources`` (waiting for one to join), and the batches it held are
 retried there.
